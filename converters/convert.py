@@ -1,0 +1,413 @@
+"""Hugging Face MusicGen checkpoint → MLX checkpoint folder.
+
+hub files → CheckpointReader (lazy) → manifest rules (plan, checked both ways) → transforms →
+streaming sharded writer, all into a temporary folder that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConvertError, OutputError, SourceError
+from .hf_source import Source, resolve_source
+from .key_rules import Plan, Recipe, build_plan
+from .manifest import Manifest, check_expectations, custom_manifest, detect_variant, load_manifest
+from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json
+from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
+from .shard_reader import CheckpointReader
+from .transforms import apply_recipe, cast
+
+__version__ = "0.1.0"
+DTYPES = ("float32", "float16", "bfloat16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = 4
+    group_size: int = 64
+    recipe: str | None = None  # e.g. "mixed-4-8"
+
+
+@dataclass
+class ConversionResult:
+    path: Path
+    variant: str | None
+    num_tensors: int
+    num_parameters: int
+    total_bytes: int
+    dropped: dict[str, str] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '1.5G', 1024 → bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m:
+        raise ConvertError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)]
+    if m.group(3) == "IB":
+        mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    value = int(float(m.group(1)) * mult)
+    if value <= 0:
+        raise ConvertError(f"--max-shard-size {text!r}: must be positive")
+    return value
+
+
+def load_source_config(folder: Path) -> tuple[dict, dict]:
+    """(MLX config, facts) for an HF checkpoint folder."""
+    hf = read_json(folder / "config.json", "config.json")
+    gen_path, pre_path = folder / "generation_config.json", folder / "preprocessor_config.json"
+    gen = read_json(gen_path, "generation_config.json") if gen_path.exists() else None
+    pre = read_json(pre_path, "preprocessor_config.json") if pre_path.exists() else None
+    cfg = build_mlx_config(hf, str(folder / "config.json"), gen, pre)
+    return cfg, config_facts(cfg)
+
+
+def pick_manifest(facts: dict, variant: str | None, source: str) -> Manifest:
+    if variant:
+        m = load_manifest(variant)
+        check_expectations(m, facts, source)
+        return m
+    return detect_variant(facts)
+
+
+def _match_any(patterns: list[str], key: str) -> bool:
+    return any(re.search(p, key) for p in patterns)
+
+
+def quantize_policy(manifest: Manifest, cfg: dict, opts: QuantizeOptions, plan: Plan) -> tuple[dict[str, int], list[str]]:
+    """{module key (no .weight): bits} to quantize, and the candidates skipped (with why)."""
+    q = manifest.quantize
+    last = str(cfg["decoder"]["num_layers"] - 1)
+    high: list[str] = []
+    high_bits = opts.bits
+    if opts.recipe:
+        recipes = q.get("recipes", {})
+        if opts.recipe not in recipes:
+            raise ConvertError(f"--q-recipe {opts.recipe!r}: unknown; expected one of {', '.join(recipes) or 'none'}")
+        high = [p.replace("{last}", last) for p in recipes[opts.recipe]["high"]]
+        high_bits = int(recipes[opts.recipe]["high_bits"])
+    chosen: dict[str, int] = {}
+    skipped: list[str] = []
+    for key, r in plan.recipes.items():
+        if not key.endswith(".weight") or len(r.shape) != 2:
+            continue
+        module = key[: -len(".weight")]
+        if not _match_any(q["include"], module) or _match_any(q.get("exclude", []), module):
+            continue
+        if r.shape[1] % opts.group_size:
+            skipped.append(f"{module} (input size {r.shape[1]} not divisible by group size {opts.group_size})")
+            continue
+        chosen[module] = high_bits if _match_any(high, module) else opts.bits
+    return chosen, skipped
+
+
+def _output_items(plan: Plan, manifest: Manifest, dtype: str, qbits: dict[str, int], group_size: int):
+    """OutputTensor list in write order + per-item producer description."""
+    keep32 = manifest.dtype.get("keep_float32", [])
+    items: list[tuple[OutputTensor, Recipe, str]] = []
+    for key, r in plan.recipes.items():
+        target = "float32" if _match_any(keep32, key) else dtype
+        st = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[target]
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module in qbits:
+            bits = qbits[module]
+            out_dim, in_dim = r.shape
+            items.append((OutputTensor(key, (out_dim, in_dim * bits // 32), "U32"), r, f"q:weight:{target}"))
+            items.append((OutputTensor(module + ".scales", (out_dim, in_dim // group_size), st), r, f"q:scales:{target}"))
+            items.append((OutputTensor(module + ".biases", (out_dim, in_dim // group_size), st), r, f"q:biases:{target}"))
+        else:
+            items.append((OutputTensor(key, r.shape, st), r, f"plain:{target}"))
+    return items
+
+
+def _quantize(w: np.ndarray, bits: int, group_size: int, dtype: str) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    mdt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    wq, scales, biases = mx.quantize(mx.array(w).astype(mdt), group_size=group_size, bits=bits)
+    out = {"weight": np.array(wq)}
+    for name, a in (("scales", scales), ("biases", biases)):
+        a = a.astype(mx.float32)
+        out[name] = cast(np.array(a), dtype)[0]
+    return out
+
+
+def _stale_partials(out: Path) -> None:
+    """Remove temp folders of earlier runs that died (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _license_from_readme(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if not readme.exists():
+        return None
+    m = re.search(r"^---\s*\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    if m:
+        lic = re.search(r"^license:\s*(\S+)", m.group(1), re.M)
+        if lic:
+            return lic.group(1).strip("'\"")
+    return None
+
+
+def convert_checkpoint(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    variant: str | None = None,
+    dtype: str = "float32",
+    quantize: QuantizeOptions | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    revision: str | None = None,
+    allow_nonfinite: bool = False,
+    workers: int = 4,
+    progress: bool = True,
+    _after_tensor: Callable[[int], None] | None = None,
+) -> ConversionResult:
+    """Convert one checkpoint. Raises ConvertError (one-line message) for any bad input."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if quantize is not None:
+        if quantize.bits not in (4, 8):
+            raise ConvertError(f"--q-bits {quantize.bits}: expected 4 or 8")
+        if quantize.group_size not in (32, 64, 128):
+            raise ConvertError(f"--q-group-size {quantize.group_size}: expected 32, 64 or 128")
+    max_bytes = parse_size(max_shard_size)
+    out = Path(mlx_path).expanduser().absolute()
+    if out.exists() and not force:
+        raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+
+    base_manifest = load_manifest(variant) if variant else custom_manifest("musicgen")
+    source: Source = resolve_source(str(hf_path), base_manifest.files, revision)
+    cfg, facts = load_source_config(source.folder)
+    manifest = pick_manifest(facts, variant, str(source.folder / "config.json"))
+    cfg["variant"] = manifest.name
+    cfg["dtype"] = dtype
+    cfg["generation"] = {**cfg["generation"], **{k: v for k, v in manifest.generation.items() if k == "max_duration"}}
+
+    reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
+    plan = build_plan(reader.tensors, manifest.rules, expected_shapes(cfg))
+    qbits: dict[str, int] = {}
+    skipped: list[str] = []
+    if quantize is not None:
+        qbits, skipped = quantize_policy(manifest, cfg, quantize, plan)
+        cfg["quantization"] = {"bits": quantize.bits, "group_size": quantize.group_size,
+                               "recipe": quantize.recipe, "mode": "affine",
+                               "modules": {k: b for k, b in qbits.items()}, "skipped": skipped}
+    group_size = quantize.group_size if quantize else 64
+    tokenizer_src = _tokenizer_source(source.folder)
+
+    # Order by source file so each shard is opened, drained and closed in turn (bounded memory).
+    def src_order(item):
+        r = item[1]
+        return (reader.tensors[r.sources[0]].file,)
+    items = sorted(_output_items(plan, manifest, dtype, qbits, group_size), key=src_order)
+    shards = plan_shards([it for it, _, _ in items], max_bytes)
+    names = shard_names(len(shards))
+    by_key = {it.key: (r, how) for it, r, how in items}
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--mlx-path {out}: cannot create parent folder ({e.strerror})") from None
+    _stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    record_files: dict[str, dict] = {}
+    total_bytes = sum(it.nbytes for it, _, _ in items)
+    writer: ShardWriter | None = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
+        qcache: dict[str, dict[str, np.ndarray]] = {}
+
+        def produce(key: str) -> np.ndarray:
+            r, how = by_key[key]
+            if how.startswith("q:"):
+                _, part, target = how.split(":")
+                module = r.out_key[: -len(".weight")]
+                if module not in qcache:
+                    w = _checked(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose), allow_nonfinite)
+                    qcache[module] = _quantize(w, qbits[module], group_size, target)
+                res = qcache[module][part]
+                if part == "biases":
+                    qcache.pop(module)
+                return res
+            target = how.split(":")[1]
+            arr = _checked(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose), allow_nonfinite)
+            return cast(arr, target)[0]
+
+        done = 0
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for shard_items, name in zip(shards, names):
+                writer = ShardWriter(tmp / name, shard_items)
+                # Bounded look-ahead: a few tensors in flight, written strictly in order.
+                pending: deque = deque()
+                queue = iter(shard_items)
+                quant_groups = [it.key for it in shard_items]
+                serial = any(by_key[k][1].startswith("q:") for k in quant_groups)
+                for it in queue:
+                    if serial:
+                        arr = produce(it.key)
+                        writer.write(it.key, arr)
+                        bar.update(it.nbytes)
+                        done += 1
+                        if _after_tensor:
+                            _after_tensor(done)
+                        continue
+                    pending.append((it, pool.submit(produce, it.key)))
+                    if len(pending) >= 2 * max(1, workers):
+                        it0, fut = pending.popleft()
+                        writer.write(it0.key, fut.result())
+                        bar.update(it0.nbytes)
+                        done += 1
+                        if _after_tensor:
+                            _after_tensor(done)
+                while pending:
+                    it0, fut = pending.popleft()
+                    writer.write(it0.key, fut.result())
+                    bar.update(it0.nbytes)
+                    done += 1
+                    if _after_tensor:
+                        _after_tensor(done)
+                record_files[name] = {"sha256": writer.close(), "size": writer.size}
+                writer = None
+        bar.close()
+        reader.close()
+
+        index = {"metadata": {"total_size": total_bytes, "format": "mlx"},
+                 "weight_map": {it.key: name for shard_items, name in zip(shards, names) for it in shard_items}}
+        _write_json(tmp / "model.safetensors.index.json", index)
+        _write_json(tmp / "config.json", cfg)
+        _write_tokenizer(tokenizer_src, tmp)
+        record = {
+            "converter": f"mlx-music {__version__}",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source.folder), "repo_id": source.repo_id,
+                       "revision": source.revision or _snapshot_revision(source.folder),
+                       "layout": reader.layout, "files": reader.files},
+            "manifest": manifest.name or "custom", "variant": manifest.name, "dtype": dtype,
+            "base_model": source.repo_id or manifest.repo_id,
+            "license": _license_from_readme(source.folder) or manifest.license,
+            "quantization": cfg["quantization"],
+            "num_tensors": len(index["weight_map"]),
+            "dropped": plan.summary(),
+        }
+        (tmp / "README.md").write_text(_model_card(cfg, record))
+        for p in sorted(tmp.iterdir()):
+            if p.name not in record_files and p.is_file():
+                record_files[p.name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+        record["files"] = dict(sorted(record_files.items()))
+        _write_json(tmp / "conversion.json", record)
+        _install(tmp, out, force)
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, ConvertError):
+            raise OutputError(f"--mlx-path {out}: write failed ({e.strerror or e}); nothing was written") from None
+        raise
+    nparams = sum(int(np.prod(r.shape)) for r in plan.recipes.values())
+    return ConversionResult(out, manifest.name, len(index["weight_map"]), nparams, total_bytes,
+                            dict(plan.dropped), sorted(qbits), skipped)
+
+
+def _checked(r: Recipe, arr: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+    if not allow_nonfinite and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise SourceError(f"tensor {r.sources[0]}: {bad} NaN/Inf values; refusing "
+                          "(pass --allow-nonfinite to convert anyway)")
+    return arr
+
+
+def _model_card(cfg: dict, record: dict) -> str:
+    try:
+        from .model_card import render_model_card
+    except ImportError:  # pragma: no cover - model_card lands separately
+        return f"---\nlibrary_name: mlx\n---\n# {cfg.get('variant') or 'MusicGen'} (MLX)\n"
+    return render_model_card(cfg, record)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _snapshot_revision(folder: Path) -> str | None:
+    # Inside a hub cache the folder name is the commit hash: .../snapshots/<sha>
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return None
+
+
+def _tokenizer_source(folder: Path) -> tuple[str, Path]:
+    if (folder / "tokenizer.json").exists():
+        return ("json", folder)
+    if (folder / "spiece.model").exists():
+        return ("spiece", folder)
+    raise SourceError(f"{folder}: no tokenizer found; expected tokenizer.json or spiece.model")
+
+
+def _write_tokenizer(src: tuple[str, Path], dst: Path) -> None:
+    kind, folder = src
+    if kind == "json":
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, dst / name)
+        return
+    from .tokenizer_export import spiece_to_tokenizer_json
+
+    spiece_to_tokenizer_json(folder / "spiece.model", dst / "tokenizer.json")
+    for name in TOKENIZER_FILES[1:]:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, dst / name)
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder into place; with --force the old one survives until then."""
+    if out.exists():
+        if not force:
+            raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+        backup = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, backup)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(backup, out)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

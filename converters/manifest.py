@@ -1,0 +1,120 @@
+"""Variant manifests: TOML data (key rules, dtype and quantize policy, expected config values).
+
+A variant file names a base with `extends`; tables merge key by key, rule lists concatenate.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests import MANIFEST_DIR
+
+from .errors import ManifestError
+
+
+@dataclass
+class Manifest:
+    name: str | None  # None for a checkpoint that matches no known variant ("custom")
+    repo_id: str | None
+    architecture: str
+    license: str | None
+    expect: dict[str, Any]
+    files: dict[str, Any]
+    rules: dict[str, list[dict[str, Any]]]
+    dtype: dict[str, Any]
+    quantize: dict[str, Any]
+    generation: dict[str, Any]
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, list) and isinstance(out.get(k), list) and k != "keep_float32":
+            out[k] = out[k] + v
+        else:
+            out[k] = v
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path in seen:
+        raise ManifestError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ManifestError(f"{path}: invalid TOML ({e})") from None
+    parent = data.pop("extends", None)
+    if parent:
+        data = _merge(_read_toml(path.parent / parent, seen + (path,)), data)
+    return data
+
+
+def _from_dict(data: dict, path: Path | None) -> Manifest:
+    variant = data.get("variant", {})
+    for table in ("files", "rules", "dtype", "quantize"):
+        if table not in data:
+            raise ManifestError(f"{path}: missing table [{table}]")
+    return Manifest(
+        name=variant.get("name"), repo_id=variant.get("repo_id"),
+        architecture=variant.get("architecture", data.get("expect", {}).get("model_type", "")),
+        license=variant.get("license"), expect=dict(data.get("expect", {})),
+        files=data["files"], rules=data["rules"], dtype=data["dtype"], quantize=data["quantize"],
+        generation=data.get("generation", {}), path=path, raw=data)
+
+
+def variant_names(manifest_dir: Path = MANIFEST_DIR) -> list[str]:
+    return sorted(p.stem for p in manifest_dir.glob("*.toml") if not p.stem.startswith("_"))
+
+
+def load_manifest(name_or_path: str | Path, manifest_dir: Path = MANIFEST_DIR) -> Manifest:
+    """Load a variant manifest by name (`musicgen-small`, `facebook/musicgen-small`) or path."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        name = str(name_or_path).split("/")[-1]
+        p = manifest_dir / f"{name}.toml"
+        if not p.exists():
+            raise ManifestError(f"--variant {name_or_path!r}: unknown variant; expected one of "
+                                f"{', '.join(variant_names(manifest_dir))}")
+    return _from_dict(_read_toml(p), p)
+
+
+def custom_manifest(architecture: str, manifest_dir: Path = MANIFEST_DIR) -> Manifest:
+    """The shared rules alone, for a checkpoint that is MusicGen-shaped but no known variant."""
+    data = _read_toml(manifest_dir / "_base.toml")
+    data["variant"] = {"name": None, "architecture": architecture}
+    return _from_dict(data, manifest_dir / "_base.toml")
+
+
+def check_expectations(manifest: Manifest, facts: dict[str, Any], source: str) -> None:
+    """Raise naming the first config field that contradicts the manifest."""
+    for key, want in manifest.expect.items():
+        if key not in facts:
+            continue
+        got = facts[key]
+        if got != want:
+            raise ManifestError(
+                f"{source}: config field {key} = {got!r} but manifest {manifest.name} expects "
+                f"{want!r}; pick the right --variant or omit it to auto-detect")
+
+
+def detect_variant(facts: dict[str, Any], manifest_dir: Path = MANIFEST_DIR) -> Manifest:
+    """The known variant whose expectations all hold, else a custom manifest of that family."""
+    matches = []
+    for name in variant_names(manifest_dir):
+        m = load_manifest(name, manifest_dir)
+        if all(facts.get(k) == v for k, v in m.expect.items() if k in facts):
+            matches.append(m)
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:  # pragma: no cover - manifests are mutually exclusive by design
+        raise ManifestError(f"config matches several variants: {[m.name for m in matches]}")
+    return custom_manifest(facts.get("model_type", "musicgen"), manifest_dir)

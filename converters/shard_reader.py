@@ -1,0 +1,231 @@
+"""Lazy, tensor-by-tensor access to a Hugging Face checkpoint in any hub layout.
+
+Layouts: `model.safetensors`; sharded safetensors + `model.safetensors.index.json`;
+`pytorch_model.bin`; sharded `.bin` + `pytorch_model.bin.index.json`. Only headers are read up front;
+tensor data is read when asked for. `.bin` files are pickles: they are opened only with
+`torch.load(weights_only=True, mmap=True)`, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SourceError, name_some
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: F32, F16, BF16, ...
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1}.get(self.dtype, 4)
+        return int(np.prod(self.shape, dtype=np.int64)) * size
+
+
+_TORCH_TO_ST = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+                "torch.float64": "F64", "torch.int64": "I64", "torch.int32": "I32",
+                "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL"}
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise SourceError("reading checkpoints needs torch: pip install 'mlx-music[convert]'") from None
+    return torch
+
+
+class _Shard:
+    """One weight file; opened on first use, then shared by the worker threads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.kind = "bin" if path.suffix == ".bin" else "safetensors"
+        self._handle = None
+        self._lock = threading.Lock()
+
+    def open(self):
+        with self._lock:
+            if self._handle is None:
+                self._handle = self._open_safetensors() if self.kind == "safetensors" else self._open_bin()
+            return self._handle
+
+    def _open_safetensors(self):
+        from safetensors import safe_open
+
+        _torch()
+        if not self.path.exists():
+            raise SourceError(f"{self.path}: weight file not found")
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except Exception as e:  # SafetensorError and friends: corrupt header, truncation, ...
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SourceError(f"{self.path}: not a valid safetensors file ({msg})") from None
+
+    def _open_bin(self):
+        torch = _torch()
+        if not self.path.exists():
+            raise SourceError(f"{self.path}: weight file not found")
+        if not zipfile.is_zipfile(self.path):
+            raise SourceError(f"{self.path}: not a PyTorch zip checkpoint (legacy or corrupt .bin "
+                              "files are refused: they cannot be loaded safely with mmap)")
+        try:
+            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+            raise SourceError(f"{self.path}: refused to load: the pickle needs more than tensors "
+                              f"(weights_only=True rejected it: {first[:200]})") from None
+        except Exception as e:
+            raise SourceError(f"{self.path}: cannot read PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if not isinstance(sd, dict):
+            raise SourceError(f"{self.path}: expected a dict of tensors, found {type(sd).__name__}")
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
+        if bad:
+            raise SourceError(f"{self.path}: holds non-tensor entries: {name_some(map(str, bad))}")
+        return sd
+
+    def infos(self) -> list[TensorInfo]:
+        h = self.open()
+        out = []
+        if self.kind == "safetensors":
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out.append(TensorInfo(k, tuple(sl.get_shape()), sl.get_dtype(), self.path.name))
+        else:
+            for k, v in h.items():
+                dt = _TORCH_TO_ST.get(str(v.dtype))
+                if dt is None:
+                    raise SourceError(f"{self.path}: tensor {k} has unsupported dtype {v.dtype}")
+                out.append(TensorInfo(k, tuple(v.shape), dt, self.path.name))
+        return out
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor as float32 numpy (all MusicGen weights are floating point)."""
+        h = self.open()
+        torch = _torch()
+        try:
+            t = h.get_tensor(key) if self.kind == "safetensors" else h[key]
+        except Exception as e:
+            raise SourceError(f"{self.path}: cannot read tensor {key} ({str(e).splitlines()[0][:200]})") from None
+        if t.dtype in (torch.float16, torch.bfloat16, torch.float64):
+            t = t.to(torch.float32)
+        return t.contiguous().numpy()
+
+    def close(self) -> None:
+        self._handle = None
+
+
+class CheckpointReader:
+    """All tensors of a checkpoint folder, indexed by key, read lazily."""
+
+    def __init__(self, folder: Path | str, prefer: tuple[str, ...] = ("safetensors", "bin"), workers: int = 4):
+        self.folder = Path(folder)
+        self.layout, files, self.index_file = self._find_layout(prefer)
+        self.shards = {f: _Shard(self.folder / f) for f in files}
+        self.workers = workers
+        # Headers of all shards, in parallel: one slow (network) disk should not serialise them.
+        with ThreadPoolExecutor(max(1, min(workers, len(self.shards)))) as pool:
+            per_shard = list(pool.map(lambda s: s.infos(), self.shards.values()))
+        self.tensors: dict[str, TensorInfo] = {}
+        dups = []
+        for infos in per_shard:
+            for info in infos:
+                if info.key in self.tensors:
+                    dups.append(f"{info.key} ({self.tensors[info.key].file} and {info.file})")
+                self.tensors[info.key] = info
+        if dups:
+            raise SourceError(f"{self.folder}: tensors stored in several shards: {name_some(dups, 4)}")
+        bad_dtype = [i.key for i in self.tensors.values() if i.dtype not in FLOAT_DTYPES]
+        if bad_dtype:
+            raise SourceError(f"{self.folder}: non-float tensors are not MusicGen weights: {name_some(bad_dtype)}")
+        if self.index_file:
+            self._check_index()
+
+    def _find_layout(self, prefer):
+        if not self.folder.is_dir():
+            raise SourceError(f"{self.folder}: checkpoint folder not found")
+        candidates = {
+            "safetensors": (SAFETENSORS_INDEX, "model.safetensors"),
+            "bin": (BIN_INDEX, "pytorch_model.bin"),
+        }
+        for fmt in prefer:
+            index, single = candidates[fmt]
+            if (self.folder / index).exists():
+                self._index = self._read_index(self.folder / index)
+                files = sorted(set(self._index.values()))
+                return f"{fmt}-sharded", files, index
+            if (self.folder / single).exists():
+                return f"{fmt}-single", [single], None
+        raise SourceError(f"{self.folder}: no weights found; expected model.safetensors, "
+                          f"{SAFETENSORS_INDEX}, pytorch_model.bin or {BIN_INDEX}")
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text())
+            wm = data["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError("weight_map must map keys to file names")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise SourceError(f"{path}: invalid index JSON ({type(e).__name__}: {e})") from None
+        for f in set(wm.values()):
+            if "/" in f or "\\" in f or f.startswith(".."):
+                raise SourceError(f"{path}: shard name {f!r} must be a plain file name")
+            if not (self.folder / f).exists():
+                raise SourceError(f"{path}: shard {f} listed in the index is missing")
+        return wm
+
+    def _check_index(self) -> None:
+        index = self._index
+        missing = [k for k, f in index.items() if k not in self.tensors or self.tensors[k].file != f]
+        if missing:
+            k = sorted(missing)[0]
+            where = self.tensors[k].file if k in self.tensors else "no shard"
+            raise SourceError(f"{self.folder / self.index_file}: key {k} mapped to {index[k]} but found in "
+                              f"{where} ({len(missing)} such keys)")
+        extra = [k for k in self.tensors if k not in index]
+        if extra:
+            raise SourceError(f"{self.folder / self.index_file}: shard tensors not in the index: {name_some(extra)}")
+        # A shard file sitting in the folder but absent from the index is a sign of a mixed download.
+        pattern = "model-*-of-*.safetensors" if self.index_file == SAFETENSORS_INDEX else "pytorch_model-*-of-*.bin"
+        strays = [p.name for p in self.folder.glob(pattern) if p.name not in self.shards]
+        if strays:
+            raise SourceError(f"{self.folder / self.index_file}: shard files not in the index: {name_some(strays)}")
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.shards) + ([self.index_file] if self.index_file else [])
+
+    def read(self, key: str) -> np.ndarray:
+        info = self.tensors.get(key)
+        if info is None:
+            raise SourceError(f"{self.folder}: tensor {key} not found")
+        arr = self.shards[info.file].read(key)
+        if tuple(arr.shape) != info.shape:
+            raise SourceError(f"{self.folder / info.file}: tensor {key} has shape {arr.shape}, "
+                              f"header says {info.shape}")
+        return arr
+
+    def read_many(self, keys: list[str]) -> list[np.ndarray]:
+        return [self.read(k) for k in keys]
+
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.close()
