@@ -30,6 +30,7 @@ class Recipe:
 class Plan:
     recipes: dict[str, Recipe]
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> rule name
+    unmatched: list[str] = field(default_factory=list)  # only filled when strict=False
 
     def summary(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -79,7 +80,7 @@ def _group_rule(rule: dict, members: dict[str, str], source: dict[str, TensorInf
 
 
 def build_plan(source: dict[str, TensorInfo], rules: dict,
-               expected: dict[str, tuple[int, ...]] | None) -> Plan:
+               expected: dict[str, tuple[int, ...]] | None, strict: bool = True) -> Plan:
     """Map source tensors to output recipes; raise CompletenessError listing any gap."""
     remaining = dict.fromkeys(source)  # ordered set of unconsumed source keys
     dropped: dict[str, str] = {}
@@ -125,7 +126,7 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
                 break
         else:
             unmatched.append(key)
-    if unmatched:
+    if unmatched and strict:
         raise CompletenessError(f"source tensors matched by no rule (unexpected keys): {name_some(unmatched)}")
 
     layouts = [(_compile(r["pattern"], r["name"]), tuple(r["transpose"]), r["name"]) for r in rules.get("layout", [])]
@@ -156,7 +157,19 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
             problems.append(f"wrong shapes: {name_some(wrong, 4)}")
         if problems:
             raise CompletenessError("checkpoint does not match its config: " + "; ".join(problems))
-    return Plan(recipes={k: recipes[k] for k in sorted(recipes, key=_natural)}, dropped=dropped)
+    return Plan(recipes={k: recipes[k] for k in sorted(recipes, key=_natural)}, dropped=dropped,
+                unmatched=unmatched)
+
+
+def diff_against_expected(plan: Plan, expected: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """Missing / unexpected / mis-shaped output tensors, for reports (never raises)."""
+    return {
+        "unmatched_source": sorted(plan.unmatched),
+        "missing": sorted(k for k in expected if k not in plan.recipes),
+        "unexpected": sorted(k for k in plan.recipes if k not in expected),
+        "wrong_shape": sorted(f"{k} {plan.recipes[k].shape} != {tuple(expected[k])}" for k in expected
+                              if k in plan.recipes and plan.recipes[k].shape != tuple(expected[k])),
+    }
 
 
 def _natural(key: str):

@@ -96,7 +96,10 @@ def custom_manifest(architecture: str, manifest_dir: Path = MANIFEST_DIR) -> Man
 
 def check_expectations(manifest: Manifest, facts: dict[str, Any], source: str) -> None:
     """Raise naming the first config field that contradicts the manifest."""
-    for key, want in manifest.expect.items():
+    # Structural fields first, so a stereo manifest on a mono file says "audio_channels".
+    first = ("model_type", "audio_channels", "num_codebooks")
+    ordered = sorted(manifest.expect.items(), key=lambda kv: (kv[0] not in first, first.index(kv[0]) if kv[0] in first else 0))
+    for key, want in ordered:
         if key not in facts:
             continue
         got = facts[key]

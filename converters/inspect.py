@@ -1,0 +1,121 @@
+"""Describe a Hugging Face or MLX MusicGen checkpoint folder (what `mlx-music inspect` prints)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+
+from .errors import ConvertError, SourceError
+
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Header of a safetensors file without loading data (and without torch)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{path}: truncated safetensors file (no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise SourceError(f"{path}: header length {n} exceeds file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def inspect_folder(path: str | Path) -> dict:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConvertError(f"{folder}: not a folder")
+    cfg_path = folder / "config.json"
+    if cfg_path.exists():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{cfg_path}: not valid JSON ({e})") from None
+        if cfg.get("format") == "mlx-music":
+            return _inspect_mlx(folder, cfg)
+    return _inspect_hf(folder)
+
+
+def _inspect_mlx(folder: Path, cfg: dict) -> dict:
+    from .mlx_config import expected_shapes
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors: dict[str, dict] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(read_safetensors_header(folder / shard))
+    dtypes = Counter(t["dtype"] for t in tensors.values())
+    nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors.values())
+    expected = expected_shapes(cfg)
+    q = (cfg.get("quantization") or {}).get("modules", {})
+    present = {k for k in tensors if not k.endswith((".scales", ".biases"))}
+    wrong = [k for k in expected if k in tensors and k[:-7] not in q and tuple(tensors[k]["shape"]) != tuple(expected[k])]
+    params = sum(int(_prod(expected[k])) for k in expected)
+    return {
+        "path": str(folder), "format": "mlx", "variant": cfg.get("variant") or "custom",
+        "model_type": cfg["model_type"], "audio_channels": cfg["audio_channels"],
+        "num_codebooks": cfg["num_codebooks"], "tensors": len(tensors), "parameters": params,
+        "dtypes": dict(dtypes), "bytes": nbytes, "quantization": cfg.get("quantization"),
+        "shards": len(set(index["weight_map"].values())),
+        "manifest_diff": {"missing": sorted(set(expected) - present),
+                          "unexpected": sorted(present - set(expected)), "wrong_shape": sorted(wrong)},
+    }
+
+
+def _inspect_hf(folder: Path) -> dict:
+    from .convert import load_source_config
+    from .key_rules import build_plan, diff_against_expected
+    from .manifest import detect_variant
+    from .mlx_config import expected_shapes
+    from .shard_reader import CheckpointReader
+
+    cfg, facts = load_source_config(folder)
+    manifest = detect_variant(facts)
+    reader = CheckpointReader(folder, prefer=tuple(manifest.files["weights_preference"]))
+    infos = reader.tensors.values()
+    plan = build_plan(reader.tensors, manifest.rules, None, strict=False)
+    return {
+        "path": str(folder), "format": f"huggingface ({reader.layout})",
+        "variant": manifest.name or "custom", "model_type": cfg["model_type"],
+        "audio_channels": cfg["audio_channels"], "num_codebooks": cfg["num_codebooks"],
+        "tensors": len(reader.tensors), "parameters": sum(int(_prod(i.shape)) for i in infos),
+        "dtypes": dict(Counter(i.dtype for i in infos)), "bytes": sum(i.nbytes for i in infos),
+        "shards": len(reader.shards), "dropped_by_rules": len(plan.dropped),
+        "manifest_diff": diff_against_expected(plan, expected_shapes(cfg)),
+    }
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def format_report(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if k == "manifest_diff":
+            problems = {kk: vv for kk, vv in v.items() if vv}
+            if not problems:
+                lines.append(f"{'manifest diff':<16} none (every tensor accounted for)")
+            for kk, vv in problems.items():
+                lines.append(f"{'manifest diff':<16} {kk}: {len(vv)}: {', '.join(vv[:6])}{' ...' if len(vv) > 6 else ''}")
+        elif k == "quantization" and v:
+            lines.append(f"{k:<16} {v['bits']}-bit, group {v['group_size']}, recipe {v.get('recipe') or 'uniform'}, "
+                         f"{len(v.get('modules', {}))} modules, {len(v.get('skipped', []))} skipped")
+        elif k == "bytes":
+            lines.append(f"{k:<16} {v:,} ({v / 1e6:.1f} MB)")
+        elif k == "parameters":
+            lines.append(f"{k:<16} {v:,}")
+        else:
+            lines.append(f"{k:<16} {v}")
+    return "\n".join(lines)
