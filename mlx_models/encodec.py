@@ -1,0 +1,478 @@
+"""EnCodec (SEANet encoder/decoder + residual vector quantizer) in MLX, as MusicGen uses it.
+
+The module tree reproduces the Hugging Face `EncodecModel` layer indices so converted checkpoints
+load by name (see notes/SPEC.md): `encoder.layers.L...`, `decoder.layers.L...`,
+`quantizer.layers.Q.codebook.embed`. Convolution weights arrive with weight norm already fused and
+in MLX layout (out, k, in), for the transposed convolutions too.
+
+Layout conventions:
+- Public audio API is channels-first like PyTorch: `encode(audio (B, C, samples))`,
+  `decode(codes (B, nq, frames)) -> (B, C, samples)`.
+- Inside, MLX convolutions are channels-last, so `quantizer.decode` returns embeddings as
+  (B, frames, codebook_dim) and `decoder` maps (B, frames, hidden) -> (B, samples, C).
+
+`EncodecStreamDecoder` decodes codes chunk by chunk; the concatenation of its outputs equals the
+offline `decode` (up to float rounding) even though the decoder is non-causal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class EncodecArgs:
+    """`config.json["audio_encoder"]`; defaults are those of MusicGen's 32 kHz EnCodec."""
+
+    sampling_rate: int = 32000
+    audio_channels: int = 1
+    num_filters: int = 64
+    hidden_size: int = 128
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    num_residual_layers: int = 1
+    num_lstm_layers: int = 2
+    upsampling_ratios: list[int] = field(default_factory=lambda: [8, 5, 4, 4])
+    compress: int = 2
+    use_conv_shortcut: bool = False
+    codebook_size: int = 2048
+    codebook_dim: int = 128
+    num_quantizers: int = 4
+    pad_mode: str = "reflect"
+    use_causal_conv: bool = False
+    normalize: bool = False
+    trim_right_ratio: float = 1.0
+    frame_rate: int = 50
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "EncodecArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in known})
+        args.upsampling_ratios = [int(r) for r in args.upsampling_ratios]
+        if args.normalize:
+            # MusicGen never normalises; supporting it would change encode/decode signatures
+            # (a per-item scale travels with the codes).
+            raise ValueError("EnCodec with normalize=True is not supported")
+        if args.pad_mode not in ("reflect", "constant"):
+            raise ValueError(f"unsupported pad_mode {args.pad_mode!r}")
+        return args
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.upsampling_ratios)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding helpers (time axis is axis 1: channels-last)
+
+
+def _pad_time(x: mx.array, left: int, right: int, mode: str) -> mx.array:
+    """Pad (B, T, C) along T. Reflect mode mirrors without repeating the edge sample.
+
+    As in the reference, when the signal is too short to reflect (T <= pad) it is first extended
+    with zeros on the right, reflected, and the extension dropped again.
+    """
+    if left == 0 and right == 0:
+        return x
+    if mode != "reflect":
+        return mx.pad(x, [(0, 0), (left, right), (0, 0)])
+    length = x.shape[1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = mx.pad(x, [(0, 0), (0, extra), (0, 0)])
+        length += extra
+    parts = []
+    if left:
+        parts.append(x[:, 1:left + 1][:, ::-1])  # x[left], ..., x[1]
+    parts.append(x)
+    if right:
+        parts.append(x[:, length - 1 - right:length - 1][:, ::-1])  # x[T-2], ..., x[T-1-right]
+    padded = mx.concatenate(parts, axis=1)
+    return padded[:, :padded.shape[1] - extra] if extra else padded
+
+
+class EncodecConv1d(nn.Module):
+    """Conv1d with EnCodec's padding: output length = ceil(T / stride), no frames lost."""
+
+    def __init__(self, args: EncodecArgs, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride,
+                              dilation=dilation)
+        self.causal = args.use_causal_conv
+        self.pad_mode = args.pad_mode
+        self.stride = stride
+        self.effective_kernel = (kernel_size - 1) * dilation + 1
+        self.padding_total = self.effective_kernel - stride
+
+    def extra_padding(self, length: int) -> int:
+        """Right padding that makes the last window complete (so a partial frame still counts)."""
+        n_frames = -(-(length - self.effective_kernel + self.padding_total) // self.stride)
+        ideal = n_frames * self.stride + self.effective_kernel - self.padding_total
+        return ideal - length
+
+    def padding(self, length: int) -> tuple[int, int]:
+        extra = self.extra_padding(length)
+        if self.causal:
+            return self.padding_total, extra
+        # Odd totals put the extra sample on the left, as in the reference.
+        right = self.padding_total // 2
+        return self.padding_total - right, right + extra
+
+    def __call__(self, x: mx.array) -> mx.array:
+        left, right = self.padding(x.shape[1])
+        return self.conv(_pad_time(x, left, right, self.pad_mode))
+
+
+class EncodecConvTranspose1d(nn.Module):
+    """ConvTranspose1d that trims the fixed kernel overhang: output length = T * stride."""
+
+    def __init__(self, args: EncodecArgs, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
+        total = kernel_size - stride
+        if args.use_causal_conv:
+            right = math.ceil(total * args.trim_right_ratio)
+        else:
+            if args.trim_right_ratio != 1.0:
+                raise ValueError("trim_right_ratio != 1.0 only makes sense for causal convolutions")
+            right = total // 2
+        self.trim_left = total - right
+        self.trim_right = right
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.conv(x)
+        return y[:, self.trim_left:y.shape[1] - self.trim_right]
+
+
+class ELU(nn.Module):
+    """Parameter-free ELU kept as its own list entry so layer indices match the reference."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.elu(x)
+
+
+class LSTMStack(nn.Module):
+    """Stacked unidirectional LSTMs (PyTorch `nn.LSTM(num_layers=n)`), with explicit state."""
+
+    def __init__(self, dim: int, num_layers: int):
+        super().__init__()
+        self.layers = [nn.LSTM(dim, dim) for _ in range(num_layers)]
+
+    def __call__(self, x: mx.array, state: list[tuple[mx.array, mx.array]] | None = None
+                 ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """x: (B, T, dim); state: per layer (h, c) each (B, dim), or None for zeros."""
+        new_state = []
+        for i, lstm in enumerate(self.layers):
+            h0, c0 = state[i] if state is not None else (None, None)
+            hs, cs = lstm(x, hidden=h0, cell=c0)
+            new_state.append((hs[:, -1], cs[:, -1]))
+            x = hs
+        return x, new_state
+
+
+class EncodecLSTM(nn.Module):
+    """LSTM over time with a skip connection around it: lstm(x) + x."""
+
+    def __init__(self, args: EncodecArgs, dim: int):
+        super().__init__()
+        self.lstm = LSTMStack(dim, args.num_lstm_layers)
+
+    def step(self, x: mx.array, state: list[tuple[mx.array, mx.array]] | None
+             ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """Continue the sequence from `state`; used by the streaming decoder."""
+        y, state = self.lstm(x, state)
+        return y + x, state
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.step(x, None)[0]
+
+
+class EncodecResnetBlock(nn.Module):
+    """SEANet residual block: ELU, dilated conv (dim -> dim/compress), ELU, 1x1 conv back."""
+
+    def __init__(self, args: EncodecArgs, dim: int, dilations: tuple[int, int]):
+        super().__init__()
+        kernel_sizes = (args.residual_kernel_size, 1)
+        hidden = dim // args.compress
+        block: list[nn.Module] = []
+        for i, (k, d) in enumerate(zip(kernel_sizes, dilations)):
+            in_ch = dim if i == 0 else hidden
+            out_ch = dim if i == len(kernel_sizes) - 1 else hidden
+            block += [ELU(), EncodecConv1d(args, in_ch, out_ch, k, dilation=d)]
+        self.block = block
+        self.use_conv_shortcut = args.use_conv_shortcut
+        if args.use_conv_shortcut:
+            self.shortcut = EncodecConv1d(args, dim, dim, kernel_size=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        residual = self.shortcut(x) if self.use_conv_shortcut else x
+        for layer in self.block:
+            x = layer(x)
+        return residual + x
+
+
+class EncodecEncoder(nn.Module):
+    """SEANet encoder: audio (B, samples, C) -> embeddings (B, frames, hidden_size)."""
+
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        layers: list[nn.Module] = [EncodecConv1d(args, args.audio_channels, args.num_filters,
+                                                 args.kernel_size)]
+        scale = 1
+        for ratio in reversed(args.upsampling_ratios):
+            dim = scale * args.num_filters
+            for j in range(args.num_residual_layers):
+                layers.append(EncodecResnetBlock(args, dim, (args.dilation_growth_rate ** j, 1)))
+            layers += [ELU(), EncodecConv1d(args, dim, dim * 2, kernel_size=ratio * 2,
+                                            stride=ratio)]
+            scale *= 2
+        dim = scale * args.num_filters
+        layers += [EncodecLSTM(args, dim), ELU(),
+                   EncodecConv1d(args, dim, args.hidden_size, args.last_kernel_size)]
+        self.layers = layers
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EncodecDecoder(nn.Module):
+    """SEANet decoder: embeddings (B, frames, hidden_size) -> audio (B, frames * hop, C).
+
+    layers[0] is a conv, layers[1] the LSTM; everything after is a pure (non-causal) conv stack,
+    which is what lets the streaming decoder recompute it on a short window.
+    """
+
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        scale = 2 ** len(args.upsampling_ratios)
+        dim = scale * args.num_filters
+        layers: list[nn.Module] = [EncodecConv1d(args, args.hidden_size, dim, args.kernel_size),
+                                   EncodecLSTM(args, dim)]
+        for ratio in args.upsampling_ratios:
+            dim = scale * args.num_filters
+            layers += [ELU(), EncodecConvTranspose1d(args, dim, dim // 2, kernel_size=ratio * 2,
+                                                     stride=ratio)]
+            for j in range(args.num_residual_layers):
+                layers.append(EncodecResnetBlock(args, dim // 2,
+                                                 (args.dilation_growth_rate ** j, 1)))
+            scale //= 2
+        layers += [ELU(), EncodecConv1d(args, args.num_filters, args.audio_channels,
+                                        args.last_kernel_size)]
+        self.layers = layers
+
+    def upsample(self, x: mx.array) -> mx.array:
+        """The conv stack after the LSTM: (B, frames, dim) -> (B, frames * hop, C)."""
+        for layer in self.layers[2:]:
+            x = layer(x)
+        return x
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.upsample(self.layers[1](self.layers[0](x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual vector quantizer
+
+
+class EuclideanCodebook(nn.Module):
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        self.embed = mx.zeros((args.codebook_size, args.codebook_dim))
+
+    def encode(self, x: mx.array) -> mx.array:
+        """Index of the nearest codeword (L2) for each vector of x (..., dim)."""
+        embed = self.embed.astype(x.dtype)
+        # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, written out in the reference's order so ties
+        # and rounding behave the same.
+        dist = -((x * x).sum(-1, keepdims=True) - 2 * (x @ embed.T) + (embed * embed).sum(-1))
+        return mx.argmax(dist, axis=-1).astype(mx.int32)
+
+    def decode(self, indices: mx.array) -> mx.array:
+        return self.embed[indices]
+
+
+class VectorQuantization(nn.Module):
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        self.codebook = EuclideanCodebook(args)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Each level quantizes what the previous levels left unexplained."""
+
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        self.num_quantizers = args.num_quantizers
+        self.layers = [VectorQuantization(args) for _ in range(args.num_quantizers)]
+
+    def encode(self, embeddings: mx.array, num_quantizers: int | None = None) -> mx.array:
+        """embeddings (B, frames, dim) -> codes (B, nq, frames) int32."""
+        nq = self.num_quantizers if num_quantizers is None else num_quantizers
+        residual = embeddings
+        codes = []
+        for layer in self.layers[:nq]:
+            indices = layer.codebook.encode(residual)
+            residual = residual - layer.codebook.decode(indices)
+            codes.append(indices)
+        return mx.stack(codes, axis=1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """codes (B, nq, frames) -> summed codeword embeddings (B, frames, dim) (channels-last)."""
+        out = self.layers[0].codebook.decode(codes[:, 0])
+        for q in range(1, codes.shape[1]):
+            out = out + self.layers[q].codebook.decode(codes[:, q])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class EncodecModel(nn.Module):
+    def __init__(self, args: EncodecArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = EncodecEncoder(args)
+        self.decoder = EncodecDecoder(args)
+        self.quantizer = ResidualVectorQuantizer(args)
+
+    @property
+    def hop_length(self) -> int:
+        return self.args.hop_length
+
+    def encode(self, audio: mx.array, num_quantizers: int | None = None) -> mx.array:
+        """audio (B, channels, samples) float -> codes (B, num_quantizers, frames) int32.
+
+        Matches transformers' `EncodecModel.encode(x)` at MusicGen's default bandwidth (all
+        `num_quantizers` levels); frames = ceil(samples / hop) stage by stage.
+        """
+        if audio.ndim != 3 or audio.shape[1] != self.args.audio_channels:
+            raise ValueError(f"expected audio (B, {self.args.audio_channels}, samples), "
+                             f"got {audio.shape}")
+        embeddings = self.encoder(audio.transpose(0, 2, 1))
+        return self.quantizer.encode(embeddings, num_quantizers)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """codes (B, nq, frames) int -> audio (B, channels, frames * hop)."""
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes (B, nq, frames), got {codes.shape}")
+        audio = self.decoder(self.quantizer.decode(codes))
+        return audio.transpose(0, 2, 1)
+
+    def stream_decoder(self) -> "EncodecStreamDecoder":
+        return EncodecStreamDecoder(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming decode
+
+
+def _upsample_context_frames(args: EncodecArgs) -> int:
+    """Upper bound (in frames) on how far an edge effect in `decoder.upsample` can reach.
+
+    Walk the stack from the output back to its frame-rate input, growing a half-width (in samples
+    of the current rate): each conv adds its padding reach, each transposed conv divides by its
+    stride and adds its two-sample kernel span. Anything within this many frames of a window edge
+    may see padding instead of real neighbours; beyond it the window result is exact.
+    """
+    reach = (args.last_kernel_size - 1)  # final conv (generous: whole kernel, not half)
+    for ratio in reversed(args.upsampling_ratios):
+        for j in range(args.num_residual_layers):
+            reach += (args.residual_kernel_size - 1) * args.dilation_growth_rate ** j
+        reach = -(-reach // ratio) + 2
+    return reach + 1
+
+
+class EncodecStreamDecoder:
+    """Decode codes incrementally; concatenated outputs equal `EncodecModel.decode` of all codes.
+
+    The decoder is conv0 -> LSTM -> conv stack. conv0 is non-causal (needs `lookahead` future
+    frames), the LSTM is causal (its (h, c) is carried exactly), and the conv stack has a bounded
+    receptive field of `context` frames. So each push: run conv0 + LSTM on the frames whose conv0
+    window is complete, then recompute the conv stack on a window of LSTM outputs with `context`
+    frames of margin on both sides and emit only the samples the margins make final. `flush()`
+    treats the end of the buffered frames as the true end, so the offline reflect padding applies.
+    """
+
+    def __init__(self, model: EncodecModel):
+        self.model = model
+        self.hop = model.hop_length
+        conv0 = model.decoder.layers[0]
+        left, right = conv0.padding(10 ** 6)  # fixed padding; stride 1 adds no extra
+        self.conv0_left, self.lookahead = left, right
+        self.context = _upsample_context_frames(model.args)
+        self.reset()
+
+    def reset(self) -> None:
+        self._emb: mx.array | None = None  # codeword embeddings, from absolute frame _emb_start
+        self._emb_start = 0
+        self._n_emb = 0
+        self._lstm_state: list[tuple[mx.array, mx.array]] | None = None
+        self._n_lstm = 0  # frames already through conv0 + LSTM
+        self._lstm_out: mx.array | None = None  # LSTM outputs, from absolute frame _out_start
+        self._out_start = 0
+        self._n_emitted = 0  # frames whose audio has been returned
+        self._batch = 1
+        self._channels = self.model.args.audio_channels
+
+    @property
+    def latency_frames(self) -> int:
+        """Frames held back after each push until later frames (or flush) arrive."""
+        return self.lookahead + self.context
+
+    def push(self, codes: mx.array) -> mx.array:
+        """codes (B, nq, n) -> the newly final audio (B, channels, k * hop), k >= 0."""
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes (B, nq, frames), got {codes.shape}")
+        self._batch = codes.shape[0]
+        if codes.shape[2] > 0:
+            emb = self.model.quantizer.decode(codes)
+            self._emb = emb if self._emb is None else mx.concatenate([self._emb, emb], axis=1)
+            self._n_emb += codes.shape[2]
+        return self._advance(final=False)
+
+    def flush(self) -> mx.array:
+        """Emit the held-back tail (using end-of-signal padding) and reset for a new stream."""
+        audio = self._advance(final=True)
+        self.reset()
+        return audio
+
+    def _advance(self, final: bool) -> mx.array:
+        decoder = self.model.decoder
+        # 1) conv0 + LSTM on every frame whose conv0 input window is complete.
+        ready = self._n_emb if final else self._n_emb - self.lookahead
+        if ready > self._n_lstm:
+            start = max(0, self._n_lstm - self.conv0_left)
+            window = self._emb[:, start - self._emb_start:]
+            h = decoder.layers[0](window)[:, self._n_lstm - start:ready - start]
+            y, self._lstm_state = decoder.layers[1].step(h, self._lstm_state)
+            self._lstm_out = y if self._lstm_out is None else mx.concatenate(
+                [self._lstm_out, y], axis=1)
+            self._n_lstm = ready
+            keep = max(0, ready - self.conv0_left)  # left context conv0 will still need
+            self._emb = self._emb[:, keep - self._emb_start:]
+            self._emb_start = keep
+        # 2) conv stack on a window with `context` frames of margin; emit what is final.
+        done = self._n_lstm if final else self._n_lstm - self.context
+        if done <= self._n_emitted:
+            return mx.zeros((self._batch, self._channels, 0))
+        start = max(0, self._n_emitted - self.context)
+        window = self._lstm_out[:, start - self._out_start:self._n_lstm - self._out_start]
+        audio = decoder.upsample(window)
+        audio = audio[:, (self._n_emitted - start) * self.hop:(done - start) * self.hop]
+        self._n_emitted = done
+        keep = max(0, done - self.context)
+        self._lstm_out = self._lstm_out[:, keep - self._out_start:]
+        self._out_start = keep
+        mx.eval(audio, self._lstm_out, self._emb, *[a for s in self._lstm_state for a in s])
+        return audio.transpose(0, 2, 1)
