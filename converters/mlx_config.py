@@ -70,8 +70,9 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
     hop = math.prod(ratios)
     frame_rate = math.ceil(sr / hop)
     bandwidths = g(enc, "target_bandwidths", "audio_encoder")
-    num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * 10))
     codebook_size = g(enc, "codebook_size", "audio_encoder")
+    # transformers' EncodecConfig.num_quantizers: bandwidth / (frame rate x bits per code)
+    num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(codebook_size))))
     audio = {
         "sampling_rate": sr,
         "audio_channels": g(enc, "audio_channels", "audio_encoder", 1),

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny transformers models and their hub folders, built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    """arch -> transformers model (built lazily, cached)."""
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = tiny_models.build_model(arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory, hf_models):
+    """(arch, layout, weight_norm='new', tied_copy=True) -> hub-layout folder (cached)."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict = {}
+
+    def get(arch: str, layout: str = "single", weight_norm: str = "new", tied_copy: bool = True) -> Path:
+        key = (arch, layout, weight_norm, tied_copy)
+        if key not in cache:
+            folder = root / "-".join(map(str, key))
+            tiny_models.write_hub_folder(hf_models(arch), folder, layout=layout,
+                                         weight_norm=weight_norm, tied_copy=tied_copy)
+            cache[key] = folder
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mlx_folder(tmp_path_factory, hf_folder):
+    """(arch, layout='single', dtype='float32') -> converted MLX folder (cached)."""
+    from converters.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("mlx")
+    cache: dict = {}
+
+    def get(arch: str, layout: str = "single", dtype: str = "float32") -> Path:
+        key = (arch, layout, dtype)
+        if key not in cache:
+            out = root / "-".join(key)
+            convert_checkpoint(hf_folder(arch, layout), out, dtype=dtype, progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return get
