@@ -33,24 +33,25 @@ DECODER_KW = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_atte
 CHROMA_LENGTH = 20  # the real models use 235 (30 s at hop 4096)
 
 
-def _configs(arch: str):
+def _configs(arch: str, **decoder_overrides):
     from transformers import EncodecConfig, T5Config
 
     stereo = arch.startswith("stereo")
     t5 = T5Config(**T5_KW)
     enc = EncodecConfig(**ENCODEC_KW)
     dec_kw = dict(DECODER_KW, num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1)
+    dec_kw.update(decoder_overrides)
     return stereo, t5, enc, dec_kw
 
 
-def build_model(arch: str, seed: int = 0):
+def build_model(arch: str, seed: int = 0, **decoder_overrides):
     """Return a random-init transformers model for `arch` (see ARCHS), in eval mode."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    stereo, t5, enc, dec_kw = _configs(arch)
+    stereo, t5, enc, dec_kw = _configs(arch, **decoder_overrides)
     torch.manual_seed(seed)
     if arch.endswith("melody"):
         from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
