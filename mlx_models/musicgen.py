@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -156,11 +156,19 @@ class MusicGen(nn.Module):
     def step(self, codes: mx.array, cache: DecoderCache) -> mx.array:
         """One more frame (B, K, 1) after `prefill`; returns logits (B, K, 1, vocab).
 
-        Shapes are fixed and the offset is an mx.array, so this compiles once:
-            step = mx.compile(model.step, inputs=cache.state, outputs=cache.state)
-            logits = step(codes, cache)
+        Shapes are fixed and the offset is an mx.array, so it compiles once; see `compile_step`.
         """
         return self.decoder(codes, cache)
+
+    def compile_step(self, cache: DecoderCache) -> Callable[[mx.array], mx.array]:
+        """A compiled `codes (B, K, 1) -> logits (B, K, 1, vocab)` step bound to `cache`.
+
+        Call it after `prefill` (the cross-attention K/V must already be in the cache). The cache
+        is captured as compile state (its `state` dict is read and updated in place), so keep
+        using the same cache object; one trace serves every step of the generation.
+        """
+        return mx.compile(lambda codes: self.decoder(codes, cache),
+                          inputs=cache.state, outputs=cache.state)
 
     def __call__(self, codes: mx.array, text_states: mx.array | None = None,
                  text_mask: mx.array | None = None, chroma: mx.array | None = None) -> mx.array:

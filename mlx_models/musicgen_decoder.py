@@ -77,7 +77,8 @@ class DecoderCache:
     """Preallocated attention state of one generation.
 
     Everything lives in the dict `self.state` (lists of arrays + the offset) so that a step can be
-    compiled with the cache captured as state:
+    compiled with the cache captured as state (mx.compile swaps the entries of that dict, so
+    attributes outside it would not be seen; never replace `state` itself):
 
         step = mx.compile(lambda codes: decoder(codes, cache), inputs=cache.state,
                           outputs=cache.state)

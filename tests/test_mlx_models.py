@@ -1,0 +1,211 @@
+"""Numeric parity of mlx_models (T5, decoder, MusicGen) against transformers on tiny fp32 models.
+
+Each architecture is built with tests/tiny_models.py, written as a hub folder, converted with
+converters.convert (SPEC layout) and loaded into mlx_models.musicgen.MusicGen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from converters.convert import convert_checkpoint  # noqa: E402
+from mlx_models.musicgen import MusicGen  # noqa: E402
+from tests.tiny_models import build_model, write_hub_folder  # noqa: E402
+
+ATOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_mlx_folder(folder: Path) -> MusicGen:
+    cfg = json.loads((folder / "config.json").read_text())
+    model = MusicGen.from_config(cfg)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weights: dict[str, mx.array] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        weights.update(mx.load(str(folder / name)))
+    model.load_weights(weights)
+    return model
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """arch -> (transformers model, MLX MusicGen) built lazily, once per module."""
+
+    def get(arch: str):
+        if arch not in _CACHE:
+            hf = build_model(arch)
+            root = tmp_path_factory.mktemp(arch)
+            convert_checkpoint(write_hub_folder(hf, root / "hf"), root / "mlx")
+            _CACHE[arch] = (hf, load_mlx_folder(root / "mlx"))
+        return _CACHE[arch]
+
+    yield get
+    _CACHE.clear()
+
+
+def _inputs(hf, batch: int = 2, text_len: int = 7, frames: int = 9, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    K = hf.decoder.config.num_codebooks
+    ids = torch.randint(2, 99, (batch, text_len), generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[-1, text_len - 3:] = 0  # the last prompt is shorter (right padding)
+    codes = torch.randint(0, 2049, (batch, K, frames), generator=g)
+    chroma = None
+    if hf.config.model_type == "musicgen_melody":
+        bins = torch.randint(0, 12, (batch, 5), generator=g)
+        chroma = torch.nn.functional.one_hot(bins, 12).float()
+    return ids, mask, codes, chroma
+
+
+def _hf_logits(hf, ids, mask, codes, chroma=None) -> np.ndarray:
+    B, K, T = codes.shape
+    kw = {"input_features": chroma} if chroma is not None else {}
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=codes.reshape(B * K, T), **kw)
+    return out.logits.reshape(B, K, -1, out.logits.shape[-1])[:, :, -T:].numpy()  # melody: drop prefix
+
+
+def _mx(t) -> mx.array | None:
+    return None if t is None else mx.array(t.numpy())
+
+
+def _maxdiff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def test_mlx_models_do_not_import_torch_or_transformers():
+    for name in ("t5.py", "musicgen_decoder.py", "musicgen.py"):
+        src = (ROOT / "mlx_models" / name).read_text()
+        assert not re.search(r"^\s*(import|from)\s+(torch|transformers)\b", src, re.M), name
+
+
+def test_t5_hidden_states_match(models):
+    hf, model = models("mono")
+    ids, mask, _, _ = _inputs(hf, text_len=40)  # longer than max_distance: log buckets used
+    with torch.no_grad():
+        ref = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    out = np.array(model.text_encoder(_mx(ids), _mx(mask)))
+    valid = mask.numpy().astype(bool)
+    assert _maxdiff(out[valid], ref[valid]) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["mono", "stereo", "melody", "stereo-melody"])
+def test_decoder_logits_match(models, arch):
+    hf, model = models(arch)
+    ids, mask, codes, chroma = _inputs(hf)
+    ref = _hf_logits(hf, ids, mask, codes, chroma)
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    out = model(_mx(codes), states, m, chroma=_mx(chroma))
+    assert out.shape == ref.shape
+    assert _maxdiff(out, ref) <= ATOL
+
+
+def test_melody_null_chroma_matches_reference_default(models):
+    hf, model = models("melody")
+    ids, mask, codes, _ = _inputs(hf)
+    ref = _hf_logits(hf, ids, mask, codes)  # no input_features: reference uses one-hot bin 0
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    assert _maxdiff(model(_mx(codes), states, m, chroma=None), ref) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["mono", "stereo", "melody"])
+def test_kv_cache_steps_equal_full_forward(models, arch):
+    hf, model = models(arch)
+    ids, mask, codes, chroma = _inputs(hf)
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    c = _mx(codes)
+    full = np.array(model(c, states, m, chroma=_mx(chroma)))
+
+    prefix = model.chroma_length + ids.shape[1] if model.is_melody else 0
+    T = codes.shape[2]
+    for compiled in (False, True):
+        cache = model.make_cache(c.shape[0], max_len=prefix + T + 5)  # slack: masked slots
+        outs = [model.prefill(c[:, :, :3], cache, text_states=states, text_mask=m,
+                              chroma=_mx(chroma))]
+        step = model.compile_step(cache) if compiled else (lambda x: model.step(x, cache))
+        for t in range(3, T):
+            outs.append(step(c[:, :, t:t + 1]))
+        inc = np.concatenate([np.array(o) for o in outs], axis=2)
+        assert _maxdiff(inc, full) <= ATOL, f"compiled={compiled}"
+        assert int(cache.offset) == prefix + T
+
+
+def test_single_token_prefill_then_steps(models):
+    # The generation loop starts from one BOS frame: prefill T=1, then T=1 steps.
+    hf, model = models("mono")
+    ids, mask, codes, _ = _inputs(hf, frames=4)
+    ref = _hf_logits(hf, ids, mask, codes)
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    c = _mx(codes)
+    cache = model.make_cache(c.shape[0], max_len=8)
+    outs = [model.prefill(c[:, :, :1], cache, text_states=states, text_mask=m)]
+    outs += [model.step(c[:, :, t:t + 1], cache) for t in range(1, 4)]
+    assert _maxdiff(np.concatenate([np.array(o) for o in outs], axis=2), ref) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["mono", "stereo"])
+def test_padded_batch_rows_equal_single_runs(models, arch):
+    hf, model = models(arch)
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 4, 2]
+    K = hf.decoder.config.num_codebooks
+    ids = torch.randint(2, 99, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = ids * mask  # pad id 0
+    codes = _mx(torch.randint(0, 2049, (len(lengths), K, 5), generator=g))
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    cache = model.make_cache(len(lengths), max_len=8)
+    batched = [model.prefill(codes[:, :, :2], cache, text_states=states, text_mask=m)]
+    batched += [model.step(codes[:, :, t:t + 1], cache) for t in range(2, 5)]
+    batched = np.concatenate([np.array(o) for o in batched], axis=2)
+    for i, n in enumerate(lengths):
+        s, sm = model.encode_text(_mx(ids[i:i + 1, :n]), _mx(mask[i:i + 1, :n]))
+        single = model(codes[i:i + 1], s, sm)
+        assert _maxdiff(batched[i:i + 1], single) <= ATOL, f"row {i}"
+
+
+def test_null_condition_row_matches_reference(models):
+    # Classifier-free guidance: a row whose text mask is all zero. The reference still produces
+    # finite logits (zero cross-attention output), and so must we, cached or not.
+    hf, model = models("mono")
+    ids, mask, codes, _ = _inputs(hf)
+    mask[1] = 0
+    ref = _hf_logits(hf, ids, mask, codes)
+    assert np.isfinite(ref).all()
+    states, m = model.encode_text(_mx(ids), _mx(mask))
+    assert _maxdiff(model(_mx(codes), states, m), ref) <= ATOL
+    cache = model.make_cache(2, max_len=codes.shape[2])
+    out = model.prefill(_mx(codes), cache, text_states=states, text_mask=m)
+    assert _maxdiff(out, ref) <= ATOL
+
+
+def test_load_weights_names_bad_keys(models):
+    _, model = models("mono")
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    w = dict(weights)
+    w.pop("decoder.layer_norm.bias")
+    w["decoder.bogus.weight"] = mx.zeros((1,))
+    w["enc_to_dec_proj.weight"] = mx.zeros((3, 3))
+    with pytest.raises(ValueError) as e:
+        model.load_weights(w)
+    msg = str(e.value)
+    assert "decoder.layer_norm.bias" in msg and "missing" in msg
+    assert "decoder.bogus.weight" in msg and "unexpected" in msg
+    assert "enc_to_dec_proj.weight" in msg and "mis-shaped" in msg
+    model.load_weights(weights)  # restore
