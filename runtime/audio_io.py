@@ -1,0 +1,344 @@
+"""Audio file input/output for the runtime (numpy + soundfile + soxr only).
+
+Layout convention everywhere: float32 ``[channels, samples]`` in [-1, 1]
+(soundfile uses ``[samples, channels]``; we transpose at the boundary so model
+code never has to think about it).
+
+Every user-facing failure raises :class:`AudioInputError` (a ``ValueError``)
+with a one-line message that starts with the offending file (or ``<waveform>``
+for in-memory input) so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+__all__ = [
+    "AudioInputError",
+    "ProgressiveWavWriter",
+    "SUPPORTED_OUTPUT_EXTENSIONS",
+    "load_audio_input",
+    "read_audio",
+    "resample",
+    "save_audio",
+    "to_channels",
+]
+
+# Output container and default sample format per extension. PCM_16 keeps files
+# small and universally playable; OGG only supports Vorbis.
+SUPPORTED_OUTPUT_EXTENSIONS: dict[str, tuple[str, str]] = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+}
+
+# Below this peak an input is treated as silent (about -120 dBFS; one 24-bit LSB).
+_SILENCE_PEAK = 1e-6
+# [channels, samples] inputs with more "channels" than this are almost surely
+# [samples, channels]; refuse rather than guess.
+_MAX_CHANNELS = 8
+
+
+class AudioInputError(ValueError):
+    """Bad audio input or output request; ``str(err)`` is one line naming the file."""
+
+    def __init__(self, source: str | os.PathLike[str], problem: str) -> None:
+        self.source = str(source)
+        self.problem = " ".join(str(problem).split())  # keep it one line
+        super().__init__(f"{self.source}: {self.problem}")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view of numpy / MLX / list data (MLX arrays expose a buffer)."""
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _as_float32(arr: np.ndarray, source: str) -> np.ndarray:
+    """Float32 samples in [-1, 1]; integer PCM is scaled by its full-scale value."""
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "i":
+        return (arr.astype(np.float64) / float(2 ** (8 * arr.dtype.itemsize - 1))).astype(np.float32)
+    if arr.dtype.kind == "u":
+        half = float(2 ** (8 * arr.dtype.itemsize - 1))
+        return ((arr.astype(np.float64) - half) / half).astype(np.float32)
+    raise AudioInputError(source, f"waveform must be numeric, got dtype {arr.dtype}")
+
+
+def _check_waveform(wav: np.ndarray, source: str, require_signal: bool) -> None:
+    if wav.shape[-1] == 0:
+        raise AudioInputError(source, "audio is empty (0 samples)")
+    if not np.all(np.isfinite(wav)):
+        raise AudioInputError(source, "audio contains NaN or infinite samples")
+    if require_signal and float(np.max(np.abs(wav))) < _SILENCE_PEAK:
+        raise AudioInputError(source, "audio is silent (peak below -120 dBFS)")
+
+
+def _as_channels_first(arr: np.ndarray, source: str) -> np.ndarray:
+    if arr.ndim == 1:
+        return arr[None, :]
+    if arr.ndim != 2:
+        raise AudioInputError(source, f"waveform must be [samples] or [channels, samples], got shape {arr.shape}")
+    if arr.shape[0] > _MAX_CHANNELS:
+        raise AudioInputError(
+            source,
+            f"waveform shape {arr.shape} has {arr.shape[0]} channels; expected [channels, samples] "
+            "(transpose a [samples, channels] array)",
+        )
+    return arr
+
+
+# ------------------------------------------------------------------------ read
+
+
+def read_audio(path: str | os.PathLike[str], require_signal: bool = False) -> tuple[np.ndarray, int]:
+    """Read WAV/FLAC/OGG (anything libsndfile decodes) as float32 ``[C, S]`` and its rate."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioInputError(path, "file not found")
+    if path.is_dir():
+        raise AudioInputError(path, "is a directory, not an audio file")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        # libsndfile's text varies by version ("Format not recognised", ...);
+        # keep its reason but make the message ours and one line.
+        raise AudioInputError(path, f"cannot read audio (unsupported or corrupt file: {err})") from None
+    wav = np.ascontiguousarray(data.T)
+    _check_waveform(wav, str(path), require_signal)
+    return wav, int(sr)
+
+
+# ------------------------------------------------------------------ transforms
+
+
+def to_channels(wav: Any, n: int) -> np.ndarray:
+    """Convert ``[C, S]`` (or ``[S]``) to ``n`` channels.
+
+    mono -> n copies; several -> mono by averaging (what MusicGen's own
+    preprocessing does); equal counts pass through. Other mixes (e.g. 6 -> 2)
+    are refused: there is no single right downmix.
+    """
+    arr = _as_channels_first(_to_numpy(wav), "<waveform>")
+    c = arr.shape[0]
+    if n < 1:
+        raise ValueError(f"channel count must be >= 1, got {n}")
+    if c == n:
+        return arr
+    if c == 1:
+        return np.repeat(arr, n, axis=0)
+    if n == 1:
+        return arr.mean(axis=0, keepdims=True, dtype=np.float64).astype(arr.dtype)
+    raise AudioInputError("<waveform>", f"cannot convert {c} channels to {n}")
+
+
+def resample(wav: Any, sr_in: int, sr_out: int) -> np.ndarray:
+    """High-quality (soxr HQ) resampling of ``[C, S]`` or ``[S]`` float audio."""
+    arr = _to_numpy(wav)
+    if sr_in <= 0 or sr_out <= 0:
+        raise ValueError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
+    if int(sr_in) == int(sr_out):
+        return arr.astype(np.float32, copy=False)
+    x = np.asarray(arr, dtype=np.float32)
+    # soxr wants [frames, channels] and a contiguous buffer.
+    if x.ndim == 1:
+        return soxr.resample(x, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+    y = soxr.resample(np.ascontiguousarray(x.T), sr_in, sr_out, quality="HQ")
+    return np.ascontiguousarray(y.T, dtype=np.float32)
+
+
+def load_audio_input(
+    x: str | os.PathLike[str] | tuple[Any, int],
+    target_sr: int,
+    channels: int | None = None,
+    require_signal: bool = False,
+) -> np.ndarray:
+    """Path or ``(waveform, sample_rate)`` -> float32 ``[C, S]`` at ``target_sr``.
+
+    ``waveform`` may be 1-D or ``[C, S]``, numpy or MLX, float or integer PCM.
+    ``channels`` (if given) converts with :func:`to_channels`.
+    ``require_signal`` rejects silent input (e.g. an all-zero melody prompt,
+    which would give meaningless chroma).
+    """
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise AudioInputError("<waveform>", "expected a (waveform, sample_rate) tuple")
+        source = "<waveform>"
+        raw, sr = x
+        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or sr <= 0 or int(sr) != sr:
+            raise AudioInputError(source, f"sample rate must be a positive integer, got {sr!r}")
+        sr = int(sr)
+        wav = _as_channels_first(_as_float32(_to_numpy(raw), source), source)
+        _check_waveform(wav, source, require_signal)
+    elif isinstance(x, (str, os.PathLike)):
+        source = str(x)
+        wav, sr = read_audio(x, require_signal=require_signal)
+    else:
+        raise AudioInputError(
+            "<input>", f"expected a file path or a (waveform, sample_rate) tuple, got {type(x).__name__}"
+        )
+    if channels is not None:
+        try:
+            wav = to_channels(wav, channels)
+        except AudioInputError as err:
+            raise AudioInputError(source, err.problem) from None
+    wav = resample(wav, sr, target_sr)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------- write
+
+
+def _check_output_path(path: Path, allowed: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    ext = path.suffix.lower()
+    if ext not in allowed:
+        raise AudioInputError(
+            path, f"unsupported output extension {ext or '(none)'!r}; use one of {', '.join(sorted(allowed))}"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise AudioInputError(path, f"output folder {str(parent)!r} does not exist")
+    return allowed[ext]
+
+
+def _prepare_output(audio: Any, source: str) -> np.ndarray:
+    arr = _as_channels_first(_as_float32(_to_numpy(audio), source), source)
+    if arr.shape[-1] == 0:
+        raise AudioInputError(source, "audio to write is empty (0 samples)")
+    if not np.all(np.isfinite(arr)):
+        raise AudioInputError(source, "audio to write contains NaN or infinite samples")
+    return arr
+
+
+def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str | None = None) -> Path:
+    """Write ``[C, S]`` or ``[S]`` audio; format from the extension (.wav/.flac/.ogg).
+
+    Default sample format: 16-bit PCM for WAV/FLAC, Vorbis for OGG. Samples are
+    clipped to [-1, 1] for integer formats because libsndfile would otherwise
+    wrap loud peaks around to the opposite sign.
+    """
+    path = Path(path)
+    fmt, default_subtype = _check_output_path(path, SUPPORTED_OUTPUT_EXTENSIONS)
+    subtype = subtype or default_subtype
+    arr = _prepare_output(audio, str(path))
+    if subtype not in ("FLOAT", "DOUBLE"):
+        arr = np.clip(arr, -1.0, 1.0)
+    try:
+        sf.write(str(path), np.ascontiguousarray(arr.T), int(sr), format=fmt, subtype=subtype)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
+        raise AudioInputError(path, f"cannot write audio ({err})") from None
+    return path
+
+
+class ProgressiveWavWriter:
+    """Append chunks to a WAV file that is complete and valid after every chunk.
+
+    The RIFF header is written by hand and its size fields are rewritten after
+    each chunk, so a player or another process can open the file mid-generation
+    (streaming). ``subtype`` is ``"PCM_16"`` (default) or ``"FLOAT"`` (32-bit
+    IEEE float, with the ``fact`` chunk the WAV spec asks for).
+    Chunks are ``[channels, n]`` (or ``[n]`` for mono).
+    """
+
+    _SUBTYPES = {"PCM_16": (1, 2), "FLOAT": (3, 4)}  # format tag, bytes per sample
+
+    def __init__(self, path: str | os.PathLike[str], sr: int, channels: int, subtype: str = "PCM_16") -> None:
+        self.path = Path(path)
+        _check_output_path(self.path, {".wav": ("WAV", subtype)})
+        if subtype not in self._SUBTYPES:
+            raise AudioInputError(self.path, f"unsupported WAV subtype {subtype!r}; use PCM_16 or FLOAT")
+        if channels < 1 or sr <= 0:
+            raise AudioInputError(self.path, f"invalid stream: {channels} channels at {sr} Hz")
+        self.sr = int(sr)
+        self.channels = int(channels)
+        self.subtype = subtype
+        self._tag, self._width = self._SUBTYPES[subtype]
+        self.frames = 0
+        self._fh: BinaryIO | None = open(self.path, "wb")
+        self._write_header()
+
+    # Header layout: RIFF(12) + fmt chunk (8 + 16 PCM / 8 + 18 float) [+ fact (12)] + data header (8).
+    def _header(self) -> bytes:
+        block = self.channels * self._width
+        data_bytes = self.frames * block
+        fmt = struct.pack(
+            "<HHIIHH", self._tag, self.channels, self.sr, self.sr * block, block, 8 * self._width
+        )
+        chunks = b""
+        if self._tag == 1:
+            chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        else:
+            fmt += struct.pack("<H", 0)  # cbSize: no extension
+            chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            chunks += b"fact" + struct.pack("<II", 4, self.frames)
+        chunks += b"data" + struct.pack("<I", data_bytes)
+        riff_size = 4 + len(chunks) + data_bytes
+        return b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + chunks
+
+    def _write_header(self) -> None:
+        assert self._fh is not None
+        self._fh.seek(0)
+        self._fh.write(self._header())
+        self._fh.seek(0, os.SEEK_END)
+        self._fh.flush()
+
+    def write(self, chunk: Any) -> None:
+        """Append ``[channels, n]`` samples and make the file consistent again."""
+        if self._fh is None:
+            raise AudioInputError(self.path, "writer is closed")
+        arr = _as_float32(_to_numpy(chunk), str(self.path))
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[0] != self.channels:
+            raise AudioInputError(
+                self.path, f"chunk shape {arr.shape} does not match {self.channels} channel(s) [channels, n]"
+            )
+        if arr.shape[1] == 0:
+            return
+        if not np.all(np.isfinite(arr)):
+            raise AudioInputError(self.path, "chunk contains NaN or infinite samples")
+        new_bytes = (self.frames + arr.shape[1]) * self.channels * self._width
+        if new_bytes + 64 > 0xFFFFFFFF:
+            raise AudioInputError(self.path, "WAV files cannot exceed 4 GiB")
+        if self._tag == 1:
+            # Round to nearest and clip, as libsndfile does for float -> PCM_16.
+            pcm = np.clip(np.rint(arr.astype(np.float64) * 32767.0), -32768, 32767).astype("<i2")
+            payload = np.ascontiguousarray(pcm.T).tobytes()
+        else:
+            payload = np.ascontiguousarray(arr.T, dtype="<f4").tobytes()
+        self._fh.write(payload)
+        self.frames += arr.shape[1]
+        self._write_header()
+
+    @property
+    def duration(self) -> float:
+        """Seconds written so far."""
+        return self.frames / self.sr
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._write_header()
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "ProgressiveWavWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: never leave an open handle behind
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,198 @@
+"""`MusicGenPipeline`: text (+ melody, + audio prompt) → audio, the object `runtime.load` returns."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_models.musicgen import MusicGen
+from runtime.delay_pattern import build_pattern, revert_pattern
+from runtime.generate import Conditioning, generate_tokens
+from runtime.sampling import SamplingConfig
+from runtime.text import TextTokenizer
+
+AudioInput = Any  # a path, or a (waveform, sample_rate) tuple
+
+
+class MusicGenPipeline:
+    def __init__(self, model: MusicGen, config: dict, tokenizer: TextTokenizer, path: Path | None = None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+        self.sample_rate: int = int(config["sample_rate"])
+        self.frame_rate: int = int(config["frame_rate"])
+        self.audio_channels: int = int(config["audio_channels"])
+        self.num_codebooks: int = int(config["num_codebooks"])
+        self.pad_id: int = int(config["decoder"]["pad_token_id"])
+        self.is_melody: bool = config["model_type"] == "musicgen_melody"
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ limits
+    @property
+    def max_frames(self) -> int:
+        """Frames one window may hold: the trained 30 s, and never beyond the position table."""
+        gen = self.config.get("generation", {})
+        by_duration = int(round(float(gen.get("max_duration", 30.0)) * self.frame_rate))
+        delay = self.num_codebooks // self.audio_channels - 1
+        prefix = (self.config["melody"]["chroma_length"] + 64) if self.is_melody else 0
+        by_positions = self.config["decoder"]["max_position_embeddings"] - 1 - delay - prefix
+        return max(1, min(by_duration, by_positions))
+
+    def frames_for(self, duration: float) -> int:
+        if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
+            raise ValueError(f"--duration {duration}: must be a positive number of seconds")
+        return max(1, int(round(duration * self.frame_rate)))
+
+    def sampling_config(self, **overrides: Any) -> SamplingConfig:
+        gen = dict(self.config.get("generation", {}))
+        for k, v in overrides.items():
+            if v is not None:
+                gen[k] = v
+        return SamplingConfig(guidance_scale=float(gen.get("guidance_scale", 3.0)),
+                              temperature=float(gen.get("temperature", 1.0)),
+                              top_k=int(gen.get("top_k", 250)), top_p=float(gen.get("top_p", 0.0)),
+                              do_sample=bool(gen.get("do_sample", True))).validate()
+
+    # ------------------------------------------------------------ conditioning
+    def condition(self, prompts: Sequence[str], sampling: SamplingConfig,
+                  chroma: np.ndarray | None = None) -> Conditioning:
+        ids, mask = self.tokenizer(list(prompts))
+        states, m = self.model.encode_text(mx.array(ids), mx.array(mask))
+        chroma_rows = None
+        if self.is_melody:
+            b = len(prompts)
+            null = np.zeros((b, 1, self.model.num_chroma), np.float32)
+            null[..., 0] = 1.0
+            c = null if chroma is None else chroma.astype(np.float32)
+            if c.shape[0] == 1 and b > 1:
+                c = np.repeat(c, b, axis=0)
+            if sampling.uses_cfg:
+                # null melody rows: bin 0 on for every frame (tiling makes length irrelevant)
+                c_null = np.zeros_like(c)
+                c_null[..., 0] = 1.0
+                c = np.concatenate([c, c_null], axis=0)
+            chroma_rows = mx.array(c)
+        if sampling.uses_cfg:
+            states = mx.concatenate([states, mx.zeros_like(states)], axis=0)
+            m = mx.concatenate([m, mx.zeros_like(m)], axis=0)
+        return Conditioning(states, m, chroma_rows)
+
+    def melody_chroma(self, melody: AudioInput | Sequence[AudioInput], batch: int) -> np.ndarray:
+        from runtime.audio_io import load_audio_input
+        from runtime.chroma import ChromaExtractor
+
+        if not self.is_melody:
+            raise ValueError("--melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
+        mcfg = self.config["melody"]
+        extractor = ChromaExtractor(sampling_rate=mcfg["sampling_rate"], n_fft=mcfg["n_fft"],
+                                    hop_length=mcfg["hop_length"], chunk_length=mcfg["chunk_length"],
+                                    num_chroma=mcfg["num_chroma"])
+        items = list(melody) if isinstance(melody, list) else [melody]
+        feats = []
+        for item in items:
+            wav = load_audio_input(item, mcfg["sampling_rate"], require_signal=True)
+            feats.append(extractor(wav, mcfg["sampling_rate"]))
+        out = np.concatenate(feats, axis=0)
+        if out.shape[0] == 1 and batch > 1:
+            out = np.repeat(out, batch, axis=0)
+        if out.shape[0] != batch:
+            raise ValueError(f"--melody: got {out.shape[0]} melodies for {batch} prompts")
+        return out
+
+    # ------------------------------------------------------------------ codecs
+    def decode_codes(self, codes: np.ndarray | mx.array) -> np.ndarray:
+        """(B, K, F) frame-aligned codes → float32 audio (B, channels, F * hop)."""
+        codes = mx.array(codes)
+        enc = self.model.audio_encoder
+        if self.audio_channels == 1:
+            audio = enc.decode(codes)
+        else:  # stereo: even codebooks are the left channel, odd the right
+            audio = mx.concatenate([enc.decode(codes[:, 0::2]), enc.decode(codes[:, 1::2])], axis=1)
+        return np.array(audio.astype(mx.float32))
+
+    def encode_audio(self, audio: AudioInput) -> np.ndarray:
+        """An audio prompt → (1, K, F) codes (stereo: channels encoded separately, interleaved)."""
+        from runtime.audio_io import load_audio_input
+
+        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels)  # (C, S)
+        x = mx.array(wav[:, None, :])  # (C, 1, S): each channel through the mono codec
+        codes = np.array(self.model.audio_encoder.encode(x))  # (C, nq, F)
+        if self.audio_channels == 1:
+            return codes[:1]
+        nq = codes.shape[1]
+        out = np.empty((1, 2 * nq, codes.shape[2]), dtype=codes.dtype)
+        out[0, 0::2], out[0, 1::2] = codes[0], codes[1]
+        return out
+
+    # ---------------------------------------------------------------- generate
+    def generate_codes(self, prompts: Sequence[str], num_frames: int, *, sampling: SamplingConfig,
+                       seed: int | None = None, chroma: np.ndarray | None = None,
+                       prompt_codes: np.ndarray | None = None, progress: bool = False,
+                       compile_step: bool = True) -> np.ndarray:
+        """Frame-aligned codes (B, K, num_frames) for one window (≤ max_frames)."""
+        b = len(prompts)
+        if num_frames > self.max_frames:
+            raise ValueError(f"{num_frames} frames exceed one window ({self.max_frames}); use generate()")
+        if prompt_codes is not None and prompt_codes.shape[0] == 1 and b > 1:
+            prompt_codes = np.repeat(prompt_codes, b, axis=0)
+        pattern = build_pattern(num_frames, self.num_codebooks, self.audio_channels, self.pad_id,
+                                prompt=prompt_codes, batch=b)
+        cond = self.condition(prompts, sampling, chroma)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=num_frames / self.frame_rate, unit="s", desc="generate",
+                       bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} s audio [{elapsed}<{remaining}]")
+
+        def on_step(done: int, total: int) -> None:
+            if bar is not None:
+                bar.n = min(done, num_frames) / self.frame_rate
+                bar.refresh()
+
+        t0 = time.perf_counter()
+        seq = generate_tokens(self.model, cond, pattern, sampling, seed, compile_step, on_step)
+        dt = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        steps = pattern.shape[-1] - 1
+        self.last_stats = {"steps": steps, "seconds": dt, "steps_per_s": steps / dt if dt else float("inf")}
+        return revert_pattern(seq, num_frames, self.audio_channels)
+
+    def generate(self, prompts: str | Sequence[str], duration: float = 10.0, *,
+                 guidance_scale: float | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+                 seed: int | None = None, melody: AudioInput | None = None,
+                 audio_prompt: AudioInput | None = None, extend_stride: float = 18.0,
+                 progress: bool = False, return_codes: bool = False):
+        """Text (+ melody, + audio prompt) → (audio float32 [B, channels, samples], sample_rate).
+
+        With `audio_prompt`, the output starts with the prompt and continues it; durations longer
+        than one 30 s window are generated with a sliding window (`extend_stride` seconds).
+        """
+        from runtime.extend import generate_long
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: give at least one prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: every prompt must be a string")
+        sampling = self.sampling_config(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, do_sample=False if greedy else None)
+        frames = self.frames_for(duration)
+        chroma = self.melody_chroma(melody, len(prompts)) if melody is not None else None
+        prompt_codes = self.encode_audio(audio_prompt) if audio_prompt is not None else None
+        codes = generate_long(self, prompts, frames, sampling=sampling, seed=seed, chroma=chroma,
+                              prompt_codes=prompt_codes, extend_stride=extend_stride, progress=progress)
+        audio = self.decode_codes(codes)
+        if return_codes:
+            return audio, self.sample_rate, codes
+        return audio, self.sample_rate
