@@ -9,7 +9,7 @@ the next graph building while the previous step computes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +37,60 @@ def prefix_length(model: MusicGen, cond: Conditioning) -> int:
     return model.chroma_length + cond.text_states.shape[1] if model.is_melody else 0
 
 
+def iter_tokens(
+    model: MusicGen,
+    cond: Conditioning,
+    pattern: np.ndarray,
+    sampling: SamplingConfig,
+    seed: int | None = None,
+    compile_step: bool = True,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (position, tokens (B, K) mx.array) for every position from the first free one on.
+
+    Positions before the first free one are known already (pattern values). The yielded arrays
+    may still be computing (async); evaluate them only when needed.
+    """
+    b, k, s_total = pattern.shape
+    cfg = sampling.uses_cfg
+    if cond.rows != (2 * b if cfg else b):
+        raise ValueError(f"conditioning has {cond.rows} rows, expected {2 * b if cfg else b}")
+    seq = mx.array(pattern)
+    start = max(1, first_free_position(pattern))
+    cache = model.make_cache(cond.rows, prefix_length(model, cond) + s_total, _activation_dtype(model))
+
+    def rows(x: mx.array) -> mx.array:  # duplicate code rows for the unconditional half
+        return mx.concatenate([x, x], axis=0) if cfg else x
+
+    logits = model.prefill(rows(seq[:, :, :start]), cache, text_states=cond.text_states,
+                           text_mask=cond.text_mask, chroma=cond.chroma)[:, :, -1, :]
+    key = mx.random.key(int(seed) if seed is not None else int(np.random.randint(0, 2**31 - 1)))
+
+    def choose(last: mx.array, forced: mx.array, subkey: mx.array) -> mx.array:
+        if cfg:
+            last = apply_cfg(last, sampling.guidance_scale)
+        tok = select_tokens(last, sampling, subkey)
+        return mx.where(forced >= 0, forced, tok)
+
+    def step(tokens: mx.array) -> mx.array:
+        return model.step(rows(tokens[:, :, None]), cache)[:, :, -1, :]
+
+    step_fn = mx.compile(step, inputs=cache.state, outputs=cache.state) if compile_step else step
+    for pos in range(start, s_total):
+        key, sub = mx.random.split(key)
+        tok = choose(logits, seq[:, :, pos], sub)
+        if pos + 1 < s_total:
+            logits = step_fn(tok)
+            mx.async_eval(logits, tok)
+        yield pos, tok
+
+
+def _activation_dtype(model: MusicGen):
+    """Cache dtype: the decoder's float weight dtype (fp32 when weights are quantized)."""
+    fc1 = model.decoder.layers[0].fc1
+    w = getattr(fc1, "scales", fc1.weight)  # quantized layers: the scales carry the float dtype
+    return w.dtype if w.dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
+
+
 def generate_tokens(
     model: MusicGen,
     cond: Conditioning,
@@ -47,45 +101,14 @@ def generate_tokens(
     on_step: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Fill the -1 entries of `pattern` (B, K, S); returns the completed (B, K, S) int32 sequence."""
-    b, k, s_total = pattern.shape
-    cfg = sampling.uses_cfg
-    if cond.rows != (2 * b if cfg else b):
-        raise ValueError(f"conditioning has {cond.rows} rows, expected {2 * b if cfg else b}")
-    seq = mx.array(pattern)
     start = max(1, first_free_position(pattern))
-    dtype = model.decoder.layers[0].fc1.weight.dtype if hasattr(model.decoder.layers[0].fc1, "weight") else None
-    if dtype is not None and dtype not in (mx.float32, mx.float16, mx.bfloat16):
-        dtype = mx.float32 if dtype == mx.uint32 else None  # quantized weights: activations stay fp32
-    cache = model.make_cache(cond.rows, prefix_length(model, cond) + s_total, dtype)
-
-    def rows(x: mx.array) -> mx.array:  # duplicate code rows for the unconditional half
-        return mx.concatenate([x, x], axis=0) if cfg else x
-
-    logits = model.prefill(rows(seq[:, :, :start]), cache, text_states=cond.text_states,
-                           text_mask=cond.text_mask, chroma=cond.chroma)[:, :, -1, :]
-    key = mx.random.key(int(seed)) if seed is not None else mx.random.key(int(np.random.randint(0, 2**31 - 1)))
-
-    def choose(last: mx.array, forced: mx.array, subkey: mx.array) -> mx.array:
-        if cfg:
-            last = apply_cfg(last, sampling.guidance_scale)
-        tok = select_tokens(last, sampling, subkey)
-        return mx.where(forced >= 0, forced, tok)
-
-    def step(tokens: mx.array, forced: mx.array, subkey: mx.array) -> tuple[mx.array, mx.array]:
-        out = model.step(rows(tokens[:, :, None]), cache)[:, :, -1, :]
-        return out
-
-    step_fn = mx.compile(step, inputs=cache.state, outputs=cache.state) if compile_step else step
-    out_tokens: list[mx.array] = []
-    for pos in range(start, s_total):
-        key, sub = mx.random.split(key)
-        tok = choose(logits, seq[:, :, pos], sub)
-        out_tokens.append(tok)
-        if pos + 1 < s_total:
-            logits = step_fn(tok, seq[:, :, pos], sub)
-            mx.async_eval(logits, tok)
+    total = pattern.shape[-1] - start
+    out: list[mx.array] = []
+    for i, (_pos, tok) in enumerate(iter_tokens(model, cond, pattern, sampling, seed, compile_step), 1):
+        out.append(tok)
         if on_step is not None:
-            on_step(pos - start + 1, s_total - start)
-    generated = mx.stack(out_tokens, axis=-1) if out_tokens else mx.zeros((b, k, 0), dtype=mx.int32)
-    full = mx.concatenate([seq[:, :, :start], generated], axis=-1)
-    return np.array(full)
+            on_step(i, total)
+    seq = mx.array(pattern[:, :, :start])
+    if out:
+        seq = mx.concatenate([seq, mx.stack(out, axis=-1)], axis=-1)
+    return np.array(seq)
