@@ -110,5 +110,170 @@ def inspect(path, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
 
 
+# ---------------------------------------------------------------------------------------------
+def _output_paths(out: str, n: int) -> list[str]:
+    """One file per prompt: song.wav, or song-0.wav, song-1.wav, ... for several prompts."""
+    from pathlib import Path
+
+    from runtime.audio_io import SUPPORTED_OUTPUT_EXTENSIONS, _check_output_path
+
+    p = Path(out)
+    _check_output_path(p, SUPPORTED_OUTPUT_EXTENSIONS)  # fail before spending minutes generating
+    if n == 1:
+        return [str(p)]
+    return [str(p.with_name(f"{p.stem}-{i}{p.suffix}")) for i in range(n)]
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (org/name).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Text description; repeat for a batch.")
+@click.option("--duration", type=float, default=10.0, show_default=True,
+              help="Seconds of audio (with --continue-from: total length including the prompt).")
+@click.option("--out", required=True, help="Output file (.wav, .flac, .ogg); several prompts add -0, -1, ...")
+@click.option("--seed", type=int, default=None, help="Random seed; same seed, same audio.")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default from the checkpoint: 3.0).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (default 1.0).")
+@click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (default 250; 0 disables).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1] (default off).")
+@click.option("--greedy", is_flag=True, help="Deterministic argmax decoding instead of sampling.")
+@click.option("--melody", default=None, type=click.Path(), help="Melody audio file for melody models (any rate, mono or stereo).")
+@click.option("--continue-from", "continue_from", default=None, type=click.Path(), help="Audio file to continue.")
+@click.option("--extend-stride", type=float, default=18.0, show_default=True,
+              help="Seconds each new window advances when generating beyond 30 s.")
+@click.option("--stream", is_flag=True, help="Write the WAV progressively while generating; prints time to first audio.")
+@click.option("--chunk-seconds", type=float, default=1.0, show_default=True, help="Chunk size with --stream.")
+@click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
+@click.option("--verify", is_flag=True, help="Check every weight file's sha256 against the conversion record.")
+@click.option("--no-compile", is_flag=True, help="Do not compile the decoder step (debugging).")
+@click.option("-v", "--verbose", is_flag=True, help="Print steps/s and the active BLAS.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def generate(model_path, prompts, duration, out, seed, guidance, temperature, top_k, top_p, greedy, melody,
+             continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet):
+    """Generate music from text (and a melody or an audio prompt) with an MLX checkpoint."""
+    import math
+    import time
+
+    from runtime import load, save_audio
+
+    if not math.isfinite(duration) or duration <= 0:
+        raise click.BadParameter(f"{duration}: must be a positive number of seconds", param_hint="--duration")
+    prompts = [p for p in prompts]
+    paths = _output_paths(out, len(prompts))
+    if stream and len(prompts) > 1:
+        raise click.UsageError("--stream writes one file: give a single --prompt")
+    for opt, path in (("--melody", melody), ("--continue-from", continue_from)):
+        if path is not None and not os.path.isfile(path):
+            raise click.BadParameter(f"{path}: file not found", param_hint=opt)
+    t0 = time.perf_counter()
+    pipe = load(model_path, revision=revision, verify=verify)
+    if verbose:
+        from runtime.blas import blas_info
+
+        click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.1f} s; BLAS: {blas_info()['blas']}", err=True)
+    kwargs = dict(guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                  seed=seed, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride,
+                  progress=not quiet)
+    pipe.compile_step = not no_compile
+    if stream:
+        from runtime.audio_io import ProgressiveWavWriter
+
+        if not paths[0].lower().endswith(".wav"):
+            raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
+        writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels)
+        t1 = time.perf_counter()
+        first = None
+        try:
+            for chunk in pipe.stream(prompts[0], duration, chunk_seconds=chunk_seconds, **kwargs):
+                chunk = chunk[0] if chunk.ndim == 3 else chunk
+                writer.write(chunk)
+                if first is None:
+                    first = time.perf_counter() - t1
+                    click.echo(f"time to first audio: {first:.2f} s", err=True)
+        finally:
+            writer.close()
+        click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch)")
+        return
+    audio, sr = pipe.generate(prompts, duration, **kwargs)
+    if verbose and pipe.last_stats:
+        st = pipe.last_stats
+        click.echo(f"{st['steps']} steps in {st['seconds']:.2f} s: {st['steps_per_s']:.1f} steps/s "
+                   f"({st['steps_per_s'] / pipe.frame_rate:.2f}x real time)", err=True)
+    for path, a in zip(paths, audio):
+        save_audio(path, a, sr)
+        click.echo(f"wrote {path} ({a.shape[-1] / sr:.2f} s, {a.shape[0]} ch, {sr} Hz)")
+
+
+@main.command()
+@click.option("--hf-path", default=None, help="Reference Hugging Face folder or repo id (needs the convert + dev extras).")
+@click.option("--mlx-path", required=True, help="MLX checkpoint to check.")
+@click.option("--reference-mlx-path", default=None,
+              help="Compare a quantized checkpoint against this (fp32) MLX checkpoint instead: top-1 agreement and KL.")
+@click.option("--melody", default=None, type=click.Path(exists=True), help="Melody file for melody rows (default: a test signal).")
+@click.option("--steps", type=click.IntRange(2, 500), default=12, show_default=True, help="Greedy tokens to compare.")
+@click.option("--min-top1", type=float, default=None, help="With --reference-mlx-path: fail below this top-1 agreement.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def parity(hf_path, mlx_path, reference_mlx_path, melody, steps, min_top1, as_json):
+    """Check an MLX checkpoint against transformers (or a quantized one against fp32). Exit 1 on failure."""
+    if reference_mlx_path:
+        from runtime.fidelity import fidelity_report
+
+        rep = fidelity_report(mlx_path, reference_mlx_path)
+        ok = rep.passes(min_top1) if min_top1 is not None else True
+        click.echo(rep.to_json() if as_json else rep.format_table())
+        sys.exit(0 if ok else 1)
+    if not hf_path:
+        raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
+    from converters.parity import run_parity
+
+    rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody)
+    click.echo(rep.to_json() if as_json else rep.format_table())
+    sys.exit(0 if rep.ok else 1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--repo", required=True, help="Hub repo id to upload to (org/name).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
+@click.option("--revision", default=None, help="Branch to upload to.")
+@click.option("--message", default=None, help="Commit message.")
+@friendly_errors
+def publish(folder, repo, private, dry_run, revision, message):
+    """Upload a converted MLX checkpoint folder to the Hugging Face hub."""
+    from converters.publish import publish as do_publish
+
+    files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message)
+    if dry_run:
+        click.echo(f"dry run: would upload {len(files)} files to {repo}:")
+        for f in files:
+            click.echo(f"  {f}")
+    else:
+        click.echo(f"uploaded {len(files)} files to https://huggingface.co/{repo}")
+
+
+@main.command()
+def doctor():
+    """Show versions, the MLX device and which BLAS MLX's CPU kernels use."""
+    import platform
+
+    import runtime  # noqa: F401  (preloads the fast BLAS before mlx.core)
+    import mlx.core as mx
+
+    from runtime.blas import blas_info
+
+    info = blas_info()
+    click.echo(f"python   {platform.python_version()} ({platform.platform()})")
+    click.echo(f"mlx      {mx.__version__}; default device {mx.default_device()}")
+    click.echo(f"blas     {info['blas']}" + (f"  (fast path skipped: {info['reason']})" if info.get("reason") else ""))
+    for mod in ("torch", "transformers", "sentencepiece"):
+        try:
+            m = __import__(mod)
+            click.echo(f"{mod:<8} {getattr(m, '__version__', '?')} (converter/parity extras)")
+        except ImportError:
+            click.echo(f"{mod:<8} not installed (only needed by convert/parity)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

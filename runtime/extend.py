@@ -32,6 +32,25 @@ def generate_long(pipe, prompts: Sequence[str], num_frames: int, *, sampling: Sa
         raise ValueError(f"--duration: the audio prompt is already {p / pipe.frame_rate:.2f} s; ask for a "
                          "longer total duration (the output includes the prompt)")
 
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(num_frames / pipe.frame_rate, 2), unit="s", desc="generate",
+                   bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} s of audio [{elapsed}<{remaining}]")
+    done_frames = [p]
+
+    def window_progress(new_frames_before: int, frames_in_window: int):
+        """on_step callback of one window: advance the bar by frames actually produced."""
+        def on_step(i: int, total: int) -> None:
+            if bar is None:
+                return
+            made = new_frames_before + round(i * frames_in_window / max(total, 1))
+            if made > done_frames[0]:
+                bar.update((made - done_frames[0]) / pipe.frame_rate)
+                done_frames[0] = made
+        return on_step
+
     def chroma_at(start: int, n: int):
         if chroma is None or isinstance(chroma, np.ndarray):
             return chroma
@@ -39,7 +58,7 @@ def generate_long(pipe, prompts: Sequence[str], num_frames: int, *, sampling: Sa
 
     first = min(num_frames, window)
     codes = pipe.generate_codes(prompts, first, sampling=sampling, seed=seed, chroma=chroma_at(0, first),
-                                prompt_codes=prompt_codes, progress=progress)
+                                prompt_codes=prompt_codes, on_step=window_progress(p, first - p))
     if codes.shape[0] != b and codes.shape[0] == 1:
         codes = np.repeat(codes, b, axis=0)
     window_index = 0
@@ -51,6 +70,9 @@ def generate_long(pipe, prompts: Sequence[str], num_frames: int, *, sampling: Sa
         n = min(window, keep + (num_frames - codes.shape[-1]))
         win_seed = None if seed is None else seed + window_index
         new = pipe.generate_codes(prompts, n, sampling=sampling, seed=win_seed, chroma=chroma_at(start, n),
-                                  prompt_codes=context, progress=progress)
+                                  prompt_codes=context,
+                                  on_step=window_progress(codes.shape[-1], n - keep))
         codes = np.concatenate([codes, new[..., keep:]], axis=-1)
+    if bar is not None:
+        bar.close()
     return codes[..., :num_frames]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -32,6 +32,7 @@ class MusicGenPipeline:
         self.pad_id: int = int(config["decoder"]["pad_token_id"])
         self.is_melody: bool = config["model_type"] == "musicgen_melody"
         self.last_stats: dict[str, float] = {}
+        self.compile_step = True  # compile the decoder step (False: eager, for debugging)
 
     # ------------------------------------------------------------------ limits
     @property
@@ -133,8 +134,8 @@ class MusicGenPipeline:
     # ---------------------------------------------------------------- generate
     def generate_codes(self, prompts: Sequence[str], num_frames: int, *, sampling: SamplingConfig,
                        seed: int | None = None, chroma: np.ndarray | None = None,
-                       prompt_codes: np.ndarray | None = None, progress: bool = False,
-                       compile_step: bool = True) -> np.ndarray:
+                       prompt_codes: np.ndarray | None = None,
+                       on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Frame-aligned codes (B, K, num_frames) for one window (≤ max_frames)."""
         b = len(prompts)
         if num_frames > self.max_frames:
@@ -144,23 +145,9 @@ class MusicGenPipeline:
         pattern = build_pattern(num_frames, self.num_codebooks, self.audio_channels, self.pad_id,
                                 prompt=prompt_codes, batch=b)
         cond = self.condition(prompts, sampling, chroma)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=num_frames / self.frame_rate, unit="s", desc="generate",
-                       bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} s audio [{elapsed}<{remaining}]")
-
-        def on_step(done: int, total: int) -> None:
-            if bar is not None:
-                bar.n = min(done, num_frames) / self.frame_rate
-                bar.refresh()
-
         t0 = time.perf_counter()
-        seq = generate_tokens(self.model, cond, pattern, sampling, seed, compile_step, on_step)
+        seq = generate_tokens(self.model, cond, pattern, sampling, seed, self.compile_step, on_step)
         dt = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
         steps = pattern.shape[-1] - 1
         self.last_stats = {"steps": steps, "seconds": dt, "steps_per_s": steps / dt if dt else float("inf")}
         return revert_pattern(seq, num_frames, self.audio_channels)
