@@ -139,6 +139,8 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
         raise ModelNotFoundError(f"{raw}: huggingface_hub is needed to download hub models ({e})") from None
 
     offline = is_offline()
+    # huggingface_hub freezes HF_ENDPOINT at import (and builds file URLs from it): read it now.
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     at = f"{raw}@{revision or 'main'}"
     where = f"the local HF cache ({cache})"
@@ -146,7 +148,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     def fetch(patterns: list[str], rev: str | None) -> Path:
         try:
             return Path(snapshot_download(raw, revision=rev, allow_patterns=patterns, cache_dir=str(cache),
-                                          local_files_only=offline, token=token))
+                                          local_files_only=offline, token=token, endpoint=endpoint))
         except RevisionNotFoundError:
             raise ModelNotFoundError(f"revision {revision!r} not found in hub repo {raw}") from None
         except GatedRepoError:

@@ -1,0 +1,214 @@
+"""Upload a converted MLX checkpoint folder to the Hugging Face Hub.
+
+`publish()` refuses to upload anything that is not a complete, self-consistent checkpoint: every
+file the runtime needs must be present and match the size and sha256 recorded in conversion.json
+(a half-copied shard uploaded to the Hub is far more expensive to notice than to check here).
+Only the recorded checkpoint files are uploaded; stray files in the folder are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from runtime.hub import checkpoint_problems
+
+from .model_card import REPO_PLACEHOLDER
+
+# Files an MLX checkpoint may hold besides its weight shards (notes/SPEC.md).
+_META_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+               "README.md")
+_RECORD = "conversion.json"
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PublishError(ValueError):
+    """The folder, repo id, token or upload is not acceptable. str() is one line."""
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Check the Hub's repo-id rules for `org/name` (raises PublishError)."""
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    ok = len(parts) == 2 and all(
+        _REPO_PART.match(p) and not p.endswith((".", "-")) and ".." not in p and "--" not in p
+        and len(p) <= 96 for p in parts) and not parts[1].endswith(".git")
+    if not ok:
+        raise PublishError(f"invalid repo id {repo_id!r}: expected 'org/name' (letters, digits, '-', '_', '.'; "
+                           "no '--' or '..', at most 96 characters each)")
+    return repo_id
+
+
+def find_token(token: str | None = None) -> str | None:
+    """The token to upload with: argument, then HF_TOKEN, then huggingface_hub's stored login."""
+    if token:
+        return token
+    env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if env and env.strip():
+        return env.strip()
+    try:
+        import huggingface_hub
+
+        return huggingface_hub.get_token()
+    except Exception:  # a broken stored-token file must not hide the clear "no token" error below
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_record(folder: Path) -> dict:
+    path = folder / _RECORD
+    if not path.is_file():
+        raise PublishError(f"{folder}: {_RECORD} missing (not produced by `mlx-music convert`?)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PublishError(f"{folder}: {_RECORD} unreadable ({e})") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        raise PublishError(f"{folder}: {_RECORD} has no valid 'files' manifest (name -> sha256, size)")
+    return record
+
+
+def _required_files(folder: Path) -> list[str]:
+    """Checkpoint files that must be covered by the record: metadata present + every indexed shard."""
+    names = {n for n in _META_FILES if (folder / n).is_file()}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names |= set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    names |= {p.name for p in folder.glob("*.safetensors")}
+    return sorted(names)
+
+
+def validate_folder(folder: str | Path, *, check_sha256: bool = True) -> list[tuple[str, int]]:
+    """Validate an MLX checkpoint folder for publishing; return [(relative path, size)] to upload.
+
+    Raises PublishError (one line) on the first category of problem found. Sizes are checked for all
+    files before any sha256 is computed, so a truncated copy fails fast.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PublishError(f"{folder}: not a folder")
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise PublishError(f"{folder} is not a complete MLX checkpoint: {'; '.join(problems)}")
+    files = _load_record(folder)["files"]
+    for name in files:
+        # The record is data from disk: never let it point outside the folder.
+        if Path(name).is_absolute() or ".." in Path(name).parts or name == _RECORD:
+            raise PublishError(f"{folder}: {_RECORD} lists an invalid file name {name!r}")
+    unrecorded = [n for n in _required_files(folder) if n not in files]
+    if unrecorded:
+        raise PublishError(f"{folder}: {', '.join(unrecorded)} not listed in {_RECORD} (cannot verify)")
+    missing = [n for n in files if not (folder / n).is_file()]
+    if missing:
+        raise PublishError(f"{folder}: file(s) listed in {_RECORD} missing: {', '.join(sorted(missing))}")
+    for name, meta in sorted(files.items()):
+        size = (folder / name).stat().st_size
+        if size != meta["size"]:
+            raise PublishError(f"{folder}/{name}: size {size} != {meta['size']} recorded in {_RECORD} "
+                               "(incomplete copy or modified after conversion)")
+    if check_sha256:
+        for name, meta in sorted(files.items()):
+            if _sha256(folder / name) != meta["sha256"].lower():
+                raise PublishError(f"{folder}/{name}: sha256 differs from {_RECORD} "
+                                   "(corrupted or modified after conversion)")
+    plan = [(n, files[n]["size"]) for n in sorted(files)]
+    plan.append((_RECORD, (folder / _RECORD).stat().st_size))
+    return sorted(plan)
+
+
+def _card_fill(folder: Path, repo_id: str) -> dict[str, bytes]:
+    """New bytes for README.md (placeholder repo id -> `repo_id`) and conversion.json (README's
+    updated sha256/size), or {} when the card needs no change."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(encoding="utf-8")
+    if REPO_PLACEHOLDER not in text:
+        return {}
+    new = text.replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")
+    record = json.loads((folder / _RECORD).read_text(encoding="utf-8"))
+    record["files"]["README.md"] = {"sha256": hashlib.sha256(new).hexdigest(), "size": len(new)}
+    return {"README.md": new, _RECORD: (json.dumps(record, indent=2) + "\n").encode("utf-8")}
+
+
+def _fnmatch_escape(name: str) -> str:
+    # upload_folder's allow_patterns are fnmatch patterns; make each file name match only itself.
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
+            token: str | None = None, revision: str | None = None, commit_message: str | None = None,
+            *, endpoint: str | None = None, log: Callable[[str], None] | None = print) -> list[str]:
+    """Upload the MLX checkpoint in `folder` to the Hub model repo `repo_id`.
+
+    Returns the relative paths uploaded (or, with dry_run, that would be uploaded), sorted.
+    `log` receives human-readable lines (the file list with sizes; None = silent). `endpoint`
+    defaults to HF_ENDPOINT (read now) or huggingface.co. `revision` is a branch, created if
+    missing. If README.md still has the placeholder repo id, it is filled in with `repo_id`
+    (README.md and its conversion.json entry are rewritten; not in a dry run).
+    """
+    say = log or (lambda _line: None)
+    folder = Path(folder)
+    validate_repo_id(repo_id)
+    tok = find_token(token)
+    if tok is None and not dry_run:
+        raise PublishError(f"no Hugging Face token to upload {repo_id}: pass --token, set HF_TOKEN, "
+                           "or run `hf auth login`")
+    plan = dict(validate_folder(folder))
+    fill = _card_fill(folder, repo_id)
+    plan.update({name: len(data) for name, data in fill.items()})
+    names = sorted(plan)
+
+    total = sum(plan.values())
+    target = f"{repo_id}" + (f"@{revision}" if revision else "")
+    say(f"{'Would upload' if dry_run else 'Uploading'} {len(names)} files ({total:,} bytes) "
+        f"to {'private ' if private else ''}model repo {target}:")
+    for n in names:
+        say(f"  {plan[n]:>14,}  {n}")
+    if dry_run:
+        return names
+
+    for name, data in fill.items():  # README placeholder -> real repo id, record kept consistent
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=tok)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 revision=revision,
+                                 allow_patterns=[_fnmatch_escape(n) for n in names],
+                                 commit_message=commit_message or f"Upload MLX checkpoint ({len(names)} files)")
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = {401: " (token invalid or expired)", 403: " (token lacks write access to this namespace)"}
+        raise PublishError(f"upload to {target} failed: HTTP {status}{hint.get(status, '')}: "
+                           f"{_one_line(e)}") from None
+    except (OSError, ValueError) as e:  # connection errors, malformed server answers
+        raise PublishError(f"upload to {target} failed: {_one_line(e)}") from None
+    say(f"Uploaded: {getattr(info, 'commit_url', info)}")
+    return names
