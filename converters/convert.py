@@ -388,12 +388,15 @@ def _write_tokenizer(src: tuple[str, Path], dst: Path) -> None:
             if (folder / name).exists():
                 shutil.copyfile(folder / name, dst / name)
         return
-    from .tokenizer_export import spiece_to_tokenizer_json
+    from .tokenizer_export import load_spiece_proto, spiece_to_tokenizer_json, t5_tokenizer_config
 
     spiece_to_tokenizer_json(folder / "spiece.model", dst / "tokenizer.json")
     for name in TOKENIZER_FILES[1:]:
         if (folder / name).exists():
             shutil.copyfile(folder / name, dst / name)
+    if not (dst / "tokenizer_config.json").exists():
+        proto = load_spiece_proto(folder / "spiece.model")
+        _write_json(dst / "tokenizer_config.json", t5_tokenizer_config(proto, model_max_length=512, extra_ids=100))
 
 
 def _install(tmp: Path, out: Path, force: bool) -> None:

@@ -244,11 +244,10 @@ def publish(folder, repo, private, dry_run, revision, message):
     """Upload a converted MLX checkpoint folder to the Hugging Face hub."""
     from converters.publish import publish as do_publish
 
-    files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message)
+    files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message,
+                       log=click.echo)  # publish() lists each file with its size
     if dry_run:
-        click.echo(f"dry run: would upload {len(files)} files to {repo}:")
-        for f in files:
-            click.echo(f"  {f}")
+        click.echo(f"dry run: would upload {len(files)} files to {repo}; nothing uploaded")
     else:
         click.echo(f"uploaded {len(files)} files to https://huggingface.co/{repo}")
 

@@ -18,8 +18,9 @@ OUT = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
 
 
 def main() -> None:
-    model = tiny_models.build_model("stereo", seed=7, hidden_size=16, ffn_dim=64, num_attention_heads=2,
+    model = tiny_models.build_model("stereo", seed=7, hidden_size=24, ffn_dim=96, num_attention_heads=2,
                                     max_position_embeddings=1600)
+    model = model.half()  # stored as float16 (as some hub files are); the converter upcasts
     shutil.rmtree(OUT, ignore_errors=True)
     tiny_models.write_hub_folder(model, OUT, layout="single")
     readme = OUT / "README.md"
