@@ -129,3 +129,28 @@ def test_matches_transformers_t5_fast(spm_model, exported, tmp_path, monkeypatch
     diffs = [(t, hf(t).input_ids, exported.encode(t).ids) for t in cases
              if hf(t).input_ids != exported.encode(t).ids]
     assert not diffs, diffs[:5]
+
+
+def test_converter_writes_tokenizer_from_spiece_only(spm_model, hf_models, tmp_path):
+    """A hub folder with only spiece.model: the converted checkpoint tokenizes like SentencePiece."""
+    import sys
+
+    import sentencepiece as spm
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+    from converters.convert import convert_checkpoint
+    from runtime.text import TextTokenizer
+
+    src = tiny_models.write_hub_folder(hf_models("mono"), tmp_path / "src")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer_config.json").unlink()
+    (src / "spiece.model").write_bytes(spm_model.read_bytes())
+    convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert (tmp_path / "out/tokenizer.json").exists() and (tmp_path / "out/tokenizer_config.json").exists()
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    tok = TextTokenizer(tmp_path / "out/tokenizer.json")
+    texts = _cases()[:40]
+    ids, mask = tok(texts)
+    for row, m, text in zip(ids, mask, texts):
+        assert row[: m.sum()].tolist() == sp.encode(text) + [1], text
