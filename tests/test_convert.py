@@ -355,3 +355,16 @@ def test_runtime_never_imports_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expected_shapes_agree_with_mlx_model(arch, mlx_folder):
+    """The converter's expected outputs and the MLX model's parameter tree are two independent
+    descriptions of the architecture; they must agree exactly."""
+    from mlx.utils import tree_flatten
+
+    from mlx_models.musicgen import MusicGen
+
+    cfg = json.loads((mlx_folder(arch) / "config.json").read_text())
+    params = {k: tuple(v.shape) for k, v in tree_flatten(MusicGen.from_config(cfg).parameters())}
+    assert params == expected_shapes(cfg)
