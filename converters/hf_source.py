@@ -42,16 +42,20 @@ def _download(repo_id: str, files: dict, revision: str | None) -> Source:
     base = list(files["config"]) + list(files["tokenizer"]) + list(files.get("extra", []))
     weights = files["weights"]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    # huggingface_hub freezes these at import; read them now so a late setting is honoured.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
     try:
         if offline:
             # Offline we cannot list the repo: take whatever weight format the cache holds.
-            path = snapshot_download(repo_id, revision=revision, local_files_only=True,
+            path = snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir,
                                      allow_patterns=base + [p for f in files["weights_preference"] for p in weights[f]])
             return Source(Path(path), repo_id, revision)
         listing = HfApi().list_repo_files(repo_id, revision=revision)
         for fmt in files["weights_preference"]:
             if any(fnmatch.fnmatch(f, pat) for f in listing for pat in weights[fmt]):
-                path = snapshot_download(repo_id, revision=revision, allow_patterns=base + list(weights[fmt]))
+                path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                         allow_patterns=base + list(weights[fmt]))
                 return Source(Path(path), repo_id, revision)
         raise SourceError(f"{repo_id}: the repo holds no MusicGen weights (looked for "
                           f"{', '.join(p for f in files['weights_preference'] for p in weights[f])})")

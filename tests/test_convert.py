@@ -368,3 +368,25 @@ def test_expected_shapes_agree_with_mlx_model(arch, mlx_folder):
     cfg = json.loads((mlx_folder(arch) / "config.json").read_text())
     params = {k: tuple(v.shape) for k, v in tree_flatten(MusicGen.from_config(cfg).parameters())}
     assert params == expected_shapes(cfg)
+
+
+def test_convert_from_hub_cache_offline(hf_folder, tmp_path):
+    """--hf-path as a repo id resolves through a real HF cache layout with HF_HUB_OFFLINE=1."""
+    from test_hub import write_cache_repo
+
+    src = hf_folder("stereo", "sharded")
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    commit = "a" * 40
+    write_cache_repo(tmp_path / "cache", "acme/tiny-stereo", {commit: files}, {"main": commit})
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "convert", "--hf-path", "acme/tiny-stereo",
+                        "--mlx-path", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "o/conversion.json").read_text())
+    assert record["source"]["repo_id"] == "acme/tiny-stereo" and record["source"]["revision"] == commit
+    assert record["source"]["layout"] == "safetensors-sharded"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "convert", "--hf-path", "acme/missing",
+                        "--mlx-path", str(tmp_path / "o2"), "--quiet"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "acme/missing: not in the local Hugging Face cache" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o2").exists()
