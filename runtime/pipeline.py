@@ -84,27 +84,40 @@ class MusicGenPipeline:
             m = mx.concatenate([m, mx.zeros_like(m)], axis=0)
         return Conditioning(states, m, chroma_rows)
 
-    def melody_chroma(self, melody: AudioInput | Sequence[AudioInput], batch: int) -> np.ndarray:
+    def melody_waveforms(self, melody: AudioInput | Sequence[AudioInput], batch: int) -> list[np.ndarray]:
+        """Melody inputs → one float32 [C, S] waveform per prompt at the chroma sample rate."""
         from runtime.audio_io import load_audio_input
-        from runtime.chroma import ChromaExtractor
 
         if not self.is_melody:
             raise ValueError("--melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
+        sr = self.config["melody"]["sampling_rate"]
+        items = list(melody) if isinstance(melody, list) else [melody]
+        wavs = [load_audio_input(item, sr, require_signal=True) for item in items]
+        if len(wavs) == 1 and batch > 1:
+            wavs = wavs * batch
+        if len(wavs) != batch:
+            raise ValueError(f"--melody: got {len(wavs)} melodies for {batch} prompts")
+        return wavs
+
+    def melody_chroma(self, wavs: list[np.ndarray], start_frame: int = 0,
+                      num_frames: int | None = None) -> np.ndarray:
+        """One-hot chroma (B, T, 12) of the melody slice under frames [start, start + n).
+
+        The slice wraps around a melody shorter than the output, as audiocraft does for long
+        generations; a batch is padded to its longest clip, as the reference extractor does.
+        """
+        from runtime.chroma import ChromaExtractor
+
         mcfg = self.config["melody"]
         extractor = ChromaExtractor(sampling_rate=mcfg["sampling_rate"], n_fft=mcfg["n_fft"],
                                     hop_length=mcfg["hop_length"], chunk_length=mcfg["chunk_length"],
                                     num_chroma=mcfg["num_chroma"])
-        items = list(melody) if isinstance(melody, list) else [melody]
-        feats = []
-        for item in items:
-            wav = load_audio_input(item, mcfg["sampling_rate"], require_signal=True)
-            feats.append(extractor(wav, mcfg["sampling_rate"]))
-        out = np.concatenate(feats, axis=0)
-        if out.shape[0] == 1 and batch > 1:
-            out = np.repeat(out, batch, axis=0)
-        if out.shape[0] != batch:
-            raise ValueError(f"--melody: got {out.shape[0]} melodies for {batch} prompts")
-        return out
+        if start_frame == 0 and num_frames is None:
+            return extractor(wavs, mcfg["sampling_rate"])
+        spf = mcfg["sampling_rate"] / self.frame_rate  # melody samples per codec frame
+        a, n = int(round(start_frame * spf)), int(round((num_frames or 0) * spf))
+        sliced = [np.take(w, np.arange(a, a + n) % w.shape[-1], axis=-1) for w in wavs]
+        return extractor(sliced, mcfg["sampling_rate"])
 
     # ------------------------------------------------------------------ codecs
     def decode_codes(self, codes: np.ndarray | mx.array) -> np.ndarray:
@@ -175,7 +188,13 @@ class MusicGenPipeline:
         sampling = self.sampling_config(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                                         top_p=top_p, do_sample=False if greedy else None)
         frames = self.frames_for(duration)
-        chroma = self.melody_chroma(melody, len(prompts)) if melody is not None else None
+        chroma = None
+        if melody is not None:
+            wavs = self.melody_waveforms(melody, len(prompts))
+            if frames <= self.max_frames:
+                chroma = self.melody_chroma(wavs)
+            else:  # each window sees its own slice of the melody
+                chroma = lambda start, n: self.melody_chroma(wavs, start, n)  # noqa: E731
         prompt_codes = self.encode_audio(audio_prompt) if audio_prompt is not None else None
         codes = generate_long(self, prompts, frames, sampling=sampling, seed=seed, chroma=chroma,
                               prompt_codes=prompt_codes, extend_stride=extend_stride, progress=progress)
@@ -183,3 +202,19 @@ class MusicGenPipeline:
         if return_codes:
             return audio, self.sample_rate, codes
         return audio, self.sample_rate
+
+    def stream(self, prompts: str | Sequence[str], duration: float = 10.0, *, chunk_seconds: float = 1.0,
+               guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+               melody: AudioInput | None = None, audio_prompt: AudioInput | None = None,
+               extend_stride: float = 18.0, progress: bool = False,
+               on_step: Callable[[int, int], None] | None = None):
+        """Like `generate`, but an iterator of float32 audio chunks [B, channels, samples] (B == 1
+        too) yielded as soon as they are final; their concatenation equals `generate`'s audio for
+        the same seed. See runtime/streaming.py for chunk sizes and latency."""
+        from runtime.streaming import stream_audio
+
+        return stream_audio(self, prompts, duration, chunk_seconds=chunk_seconds, guidance_scale=guidance_scale,
+                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
+                            melody=melody, audio_prompt=audio_prompt, extend_stride=extend_stride,
+                            progress=progress, on_step=on_step)
