@@ -149,16 +149,28 @@ def _quantize(w: np.ndarray, bits: int, group_size: int, dtype: str) -> dict[str
     return out
 
 
+def _pid_alive(name: str) -> bool:
+    try:
+        os.kill(int(name.rsplit("-", 1)[1]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stale_partials(out: Path) -> None:
-    """Remove temp folders of earlier runs that died (their pid is gone)."""
+    """Clean up after earlier runs that died: drop their temp folders, and put back a previous
+    output that a killed `--force` had moved aside but not yet replaced."""
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        if not _pid_alive(p.name):
+            if not out.exists():
+                os.replace(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
     for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
+        if not _pid_alive(p.name):
             shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 def _sha256(path: Path) -> str:
@@ -206,6 +218,8 @@ def convert_checkpoint(
             raise ConvertError(f"--q-group-size {quantize.group_size}: expected 32, 64 or 128")
     max_bytes = parse_size(max_shard_size)
     out = Path(mlx_path).expanduser().absolute()
+    if out.parent.is_dir():
+        _stale_partials(out)  # first: a killed --force may have left the old output aside
     if out.exists() and not force:
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
 
@@ -399,11 +413,30 @@ def _write_tokenizer(src: tuple[str, Path], dst: Path) -> None:
         _write_json(dst / "tokenizer_config.json", t5_tokenizer_config(proto, model_max_length=512, extra_ids=100))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _install(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished folder into place; with --force the old one survives until then."""
     if out.exists():
         if not force:
             raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+        if _exchange(tmp, out):  # one atomic step: a kill at any moment leaves a complete folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         backup = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, backup)
         try:

@@ -186,12 +186,7 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bo
     if dry_run:
         return names
 
-    for name, data in fill.items():  # README placeholder -> real repo id, record kept consistent
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
-
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=tok)
@@ -199,16 +194,22 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bo
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 revision=revision,
-                                 allow_patterns=[_fnmatch_escape(n) for n in names],
+        # The filled-in README and record go up from memory: the folder is only changed after a
+        # successful upload, so a failed publish leaves it exactly as it was.
+        ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=fill[n] if n in fill else str(folder / n))
+               for n in names]
+        info = api.create_commit(repo_id, ops, repo_type="model", revision=revision,
                                  commit_message=commit_message or f"Upload MLX checkpoint ({len(names)} files)")
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = {401: " (token invalid or expired)", 403: " (token lacks write access to this namespace)"}
         raise PublishError(f"upload to {target} failed: HTTP {status}{hint.get(status, '')}: "
                            f"{_one_line(e)}") from None
-    except (OSError, ValueError) as e:  # connection errors, malformed server answers
-        raise PublishError(f"upload to {target} failed: {_one_line(e)}") from None
+    except Exception as e:  # connection errors (httpx's are not OSError), malformed server answers
+        raise PublishError(f"upload to {target} failed: {type(e).__name__}: {_one_line(e)}") from None
+    for name, data in fill.items():  # README placeholder -> real repo id, record kept consistent
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
     say(f"Uploaded: {getattr(info, 'commit_url', info)}")
     return names

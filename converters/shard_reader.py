@@ -83,7 +83,11 @@ class _Shard:
         torch = _torch()
         if not self.path.exists():
             raise SourceError(f"{self.path}: weight file not found")
-        if not zipfile.is_zipfile(self.path):
+        try:
+            is_zip = zipfile.is_zipfile(self.path)
+        except (zipfile.BadZipFile, OSError):  # a damaged end record can raise instead of answering
+            is_zip = False
+        if not is_zip:
             raise SourceError(f"{self.path}: not a PyTorch zip checkpoint (legacy or corrupt .bin "
                               "files are refused: they cannot be loaded safely with mmap)")
         try:

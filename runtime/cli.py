@@ -239,13 +239,14 @@ def parity(hf_path, mlx_path, reference_mlx_path, melody, steps, min_top1, as_js
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
 @click.option("--revision", default=None, help="Branch to upload to.")
 @click.option("--message", default=None, help="Commit message.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
 @friendly_errors
-def publish(folder, repo, private, dry_run, revision, message):
+def publish(folder, repo, private, dry_run, revision, message, token):
     """Upload a converted MLX checkpoint folder to the Hugging Face hub."""
     from converters.publish import publish as do_publish
 
     files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message,
-                       log=click.echo)  # publish() lists each file with its size
+                       token=token, log=click.echo)  # publish() lists each file with its size
     if dry_run:
         click.echo(f"dry run: would upload {len(files)} files to {repo}; nothing uploaded")
     else:

@@ -42,6 +42,8 @@ def check_files(folder: Path, shards: list[str], verify: bool) -> None:
             raise CheckpointError(f"{record_path}: missing; cannot --verify without the conversion record")
         return
     files = _read_json(record_path).get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{record_path}: 'files' must map file names to size and sha256")
     for name in shards:
         path = folder / name
         if not path.exists():
@@ -49,6 +51,8 @@ def check_files(folder: Path, shards: list[str], verify: bool) -> None:
         meta = files.get(name)
         if meta is None:
             continue
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)):
+            raise CheckpointError(f"{record_path}: entry for {name} is malformed (needs size and sha256)")
         if path.stat().st_size != meta["size"]:
             raise CheckpointError(f"{path}: size {path.stat().st_size} differs from the conversion record "
                                   f"({meta['size']}); the file is truncated or replaced")

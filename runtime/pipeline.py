@@ -134,7 +134,8 @@ class MusicGenPipeline:
         """An audio prompt → (1, K, F) codes (stereo: channels encoded separately, interleaved)."""
         from runtime.audio_io import load_audio_input
 
-        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels)  # (C, S)
+        # Continuing silence is almost surely a wrong file: refuse it like a silent melody.
+        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels, require_signal=True)  # (C, S)
         x = mx.array(wav[:, None, :])  # (C, 1, S): each channel through the mono codec
         codes = np.array(self.model.audio_encoder.encode(x))  # (C, nq, F)
         if self.audio_channels == 1:

@@ -14,7 +14,11 @@ class TextTokenizer:
 
         if not path.exists():
             raise ValueError(f"{path}: tokenizer.json missing from the checkpoint")
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a valid tokenizer.json ({first})") from None
         self.max_tokens = max_tokens
         self.pad_id = self.tok.token_to_id("<pad>") or 0
 

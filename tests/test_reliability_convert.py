@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from converters.convert import convert_checkpoint
-from converters.errors import CompletenessError, ConvertError, ManifestError, SourceError
+from test_convert import load_mlx_weights
+from converters.errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
 MONO_TENSORS = 135  # output tensors of the tiny mono checkpoint (tests/tiny_models.py)
@@ -443,7 +444,16 @@ elif point == "before-install":
         stop()
         return real_install(*a, **k)
     cc._install = _install
+elif point == "after-exchange":
+    real_exchange = cc._exchange
+    def _exchange(a, b):
+        ok = real_exchange(a, b)
+        stop()
+        return ok
+    cc._exchange = _exchange
 elif point == "between-renames":
+    # The two-rename fallback (platforms without an atomic exchange) has a window between them.
+    cc._exchange = lambda a, b: False
     import os as real_os
     class OsView:
         def __getattr__(self, name):
@@ -578,6 +588,30 @@ def _mutated_cli(mutate: Callable[[Path], None], *extra: str) -> Callable[[Path,
     return run
 
 
+def _killed_after_exchange(run: CliRun, work: Path, before: dict | None) -> None:
+    """Killed right after the atomic swap: the new output is complete in place; the old one
+    (now in the temp folder) is swept by the next run."""
+    assert run.returncode == -signal.SIGKILL, f"the conversion was not killed mid-way:\n{run.describe()}"
+    out = work / "dst" / "out"
+    assert len(load_mlx_weights(out)) == MONO_TENSORS
+    assert any(p.name.startswith(".out.partial-") for p in (work / "dst").iterdir())
+    res = convert_checkpoint(work / "src", out, progress=False, force=True)
+    assert res.num_tensors == MONO_TENSORS
+    assert os.listdir(work / "dst") == ["out"]
+
+
+def _killed_fallback_recovers(run: CliRun, work: Path, before: dict | None) -> None:
+    """Fallback path killed between its renames: the previous output sits aside as .out.old-PID;
+    the next run puts it back intact before doing anything else."""
+    assert run.returncode == -signal.SIGKILL, f"the conversion was not killed mid-way:\n{run.describe()}"
+    dst, out = work / "dst", work / "dst" / "out"
+    assert any(p.name.startswith(".out.old-") for p in dst.iterdir())
+    with pytest.raises(OutputError, match="already exists"):  # recovered first, so it exists again
+        convert_checkpoint(work / "src", out, progress=False)
+    assert tree_digest(out) == before
+    assert os.listdir(dst) == ["out"]
+
+
 def _stopped(point: str, *extra: str) -> Callable[[Path, Path, Path | None], CliRun]:
     def run(src: Path, work: Path, prev: Path | None) -> CliRun:
         return run_stopped_then_killed(_convert_args(src, work / "dst" / "out", "--max-shard-size", "300KB", *extra),
@@ -615,7 +649,9 @@ CLI_CASES = [
     CliCase("kill-mid-conversion", _stopped("tensor:70"), _killed_then_rerun),
     CliCase("kill-before-rename", _stopped("before-install"), _killed_then_rerun),
     CliCase("kill-force-before-rename", _stopped("before-install", "--force"), _killed_then_rerun, previous=True),
-    CliCase("kill-force-between-renames", _stopped("between-renames", "--force"), _killed_then_rerun, previous=True),
+    CliCase("kill-force-after-exchange", _stopped("after-exchange", "--force"), _killed_after_exchange, previous=True),
+    CliCase("kill-force-between-renames", _stopped("between-renames", "--force"), _killed_fallback_recovers,
+            previous=True),
     CliCase("kill-polled-shard-bytes", _polled, _killed_then_rerun),
 ]
 
