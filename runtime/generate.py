@@ -56,32 +56,101 @@ def iter_tokens(
         raise ValueError(f"conditioning has {cond.rows} rows, expected {2 * b if cfg else b}")
     seq = mx.array(pattern)
     start = max(1, first_free_position(pattern))
-    cache = model.make_cache(cond.rows, prefix_length(model, cond) + s_total, _activation_dtype(model))
+    runner = _runner_for(model, cond.rows, prefix_length(model, cond) + s_total, _activation_dtype(model),
+                         sampling, compile_step)
+    try:
+        cache = runner.reset()
+        logits = model.prefill(runner.rows(seq[:, :, :start]), cache, text_states=cond.text_states,
+                               text_mask=cond.text_mask, chroma=cond.chroma)[:, :, -1, :]
+        key = mx.random.key(int(seed) if seed is not None else int(np.random.randint(0, 2**31 - 1)))
+        advance, last = runner.functions()
+        for pos in range(start, s_total):
+            if pos + 1 < s_total:
+                # One compiled call per position: sample this position, then run the decoder on it.
+                tok, logits, key = advance(logits, seq[:, :, pos], key)
+                mx.async_eval(tok, logits, key)
+            else:
+                tok, key = last(logits, seq[:, :, pos], key)
+            yield pos, tok
+    finally:
+        runner.busy = False
 
-    def rows(x: mx.array) -> mx.array:  # duplicate code rows for the unconditional half
-        return mx.concatenate([x, x], axis=0) if cfg else x
 
-    logits = model.prefill(rows(seq[:, :, :start]), cache, text_states=cond.text_states,
-                           text_mask=cond.text_mask, chroma=cond.chroma)[:, :, -1, :]
-    key = mx.random.key(int(seed) if seed is not None else int(np.random.randint(0, 2**31 - 1)))
+class _StepRunner:
+    """The KV cache and compiled per-position functions of one generation shape.
 
-    def choose(last: mx.array, forced: mx.array, subkey: mx.array) -> mx.array:
-        if cfg:
-            last = apply_cfg(last, sampling.guidance_scale)
-        tok = select_tokens(last, sampling, subkey)
-        return mx.where(forced >= 0, forced, tok)
+    Kept on the model between generations (see `_runner_for`) so that the next generation of the
+    same shape reuses both: no new cache allocation and, above all, no re-trace of the ~500-op
+    decoder step (tracing a fresh closure costs tens to hundreds of ms per call).
 
-    def step(tokens: mx.array) -> mx.array:
-        return model.step(rows(tokens[:, :, None]), cache)[:, :, -1, :]
+    Reusing the cache without zeroing it is safe: the offset restarts at 0, prefill and every step
+    write their slot before attending, and the self-attention mask hides every slot past the
+    current position, so stale values from the previous generation are never read. Cross-attention
+    K/V are replaced by `prefill`.
+    """
 
-    step_fn = mx.compile(step, inputs=cache.state, outputs=cache.state) if compile_step else step
-    for pos in range(start, s_total):
-        key, sub = mx.random.split(key)
-        tok = choose(logits, seq[:, :, pos], sub)
-        if pos + 1 < s_total:
-            logits = step_fn(tok)
-            mx.async_eval(logits, tok)
-        yield pos, tok
+    def __init__(self, model: MusicGen, rows: int, max_len: int, dtype: mx.Dtype,
+                 sampling: SamplingConfig, compile_step: bool):
+        self.model = model
+        self.cfg = sampling.uses_cfg
+        self.sampling = sampling
+        self.compile_step = compile_step
+        self.cache = model.make_cache(rows, max_len, dtype)
+        self.busy = False
+        self._functions: tuple[Callable, Callable] | None = None
+
+    def rows(self, x: mx.array) -> mx.array:  # duplicate code rows for the unconditional half
+        return mx.concatenate([x, x], axis=0) if self.cfg else x
+
+    def reset(self):
+        self.busy = True
+        self.cache.offset = mx.array(0, dtype=mx.int32)
+        return self.cache
+
+    def _choose(self, last: mx.array, forced: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        key, sub = mx.random.split(key)  # same key sequence as sampling one position at a time
+        if self.cfg:
+            last = apply_cfg(last, self.sampling.guidance_scale)
+        tok = select_tokens(last, self.sampling, sub)
+        return mx.where(forced >= 0, forced, tok), key
+
+    def _advance(self, last: mx.array, forced: mx.array, key: mx.array):
+        tok, key = self._choose(last, forced, key)
+        logits = self.model.step(self.rows(tok[:, :, None]), self.cache)[:, :, -1, :]
+        return tok, logits, key
+
+    def functions(self) -> tuple[Callable, Callable]:
+        """(advance, last): sampling fused with the decoder step, and sampling alone (last position).
+
+        Compiled on first use, after prefill has put the cross-attention entries into the cache
+        state, so the traced state tree is the one every later call passes.
+        """
+        if self._functions is None:
+            if self.compile_step:
+                st = self.cache.state
+                self._functions = (mx.compile(self._advance, inputs=st, outputs=st), mx.compile(self._choose))
+            else:
+                self._functions = (self._advance, self._choose)
+        return self._functions
+
+
+def _runner_for(model: MusicGen, rows: int, max_len: int, dtype: mx.Dtype, sampling: SamplingConfig,
+                compile_step: bool) -> _StepRunner:
+    """The model's cached runner for this shape, or a new one (which then replaces it).
+
+    Only one is kept, to bound memory (a 30 s large-model cache is ~2 GB). A runner still in use
+    (an unfinished iterator) is never shared: the caller gets a private one.
+    """
+    key = (rows, max_len, dtype, sampling, compile_step)
+    cached: dict = model.__dict__.setdefault("_mlx_music_runners", {})
+    runner = cached.get(key)
+    if runner is not None and not runner.busy:
+        return runner
+    runner = _StepRunner(model, rows, max_len, dtype, sampling, compile_step)
+    if not any(r.busy for r in cached.values()):  # replace an idle one; never drop a busy one
+        cached.clear()
+        cached[key] = runner
+    return runner
 
 
 def _activation_dtype(model: MusicGen):
