@@ -106,6 +106,30 @@ def _gomp_loaded() -> bool:
         return False
 
 
+def _preload_torch_gomp() -> None:
+    """If torch is installed, load its OpenMP runtime (libgomp) now, without importing torch.
+
+    MKL then picks its GNU threading layer, and a later `import torch` reuses the same libgomp.
+    Otherwise MKL would start Intel's OpenMP and torch a second runtime beside it, which gives
+    wrong matmul results in both libraries.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for loc in spec.submodule_search_locations:
+        for lib in sorted(Path(loc, "lib").glob("libgomp*.so*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
 def preload_fast_blas() -> str | None:
     """Load MKL globally so MLX's CPU GEMM uses it. Call before `import mlx.core`.
 
@@ -137,6 +161,8 @@ def preload_fast_blas() -> str | None:
         _state["reason"] = f"incomplete MKL install in {d} (libmkl_core/libmkl_intel_lp64 missing)"
         return None
     threading = os.environ.get("MKL_THREADING_LAYER")
+    if threading is None and _lib_present(d, "libmkl_gnu_thread"):
+        _preload_torch_gomp()
     if threading is None:
         if _gomp_loaded() and _lib_present(d, "libmkl_gnu_thread"):
             threading = "gnu (auto)"  # MKL picks this itself when libgomp is in the process

@@ -56,9 +56,14 @@ def generate_long(pipe, prompts: Sequence[str], num_frames: int, *, sampling: Sa
             return chroma
         return chroma(start, n)
 
-    first = min(num_frames, window)
-    codes = pipe.generate_codes(prompts, first, sampling=sampling, seed=seed, chroma=chroma_at(0, first),
-                                prompt_codes=prompt_codes, on_step=window_progress(p, first - p))
+    if p >= window:
+        # A prompt longer than one window is kept whole; generation continues from its last
+        # `window - stride` frames like any later window.
+        codes = np.repeat(prompt_codes, b, axis=0) if prompt_codes.shape[0] == 1 else prompt_codes
+    else:
+        first = min(num_frames, window)
+        codes = pipe.generate_codes(prompts, first, sampling=sampling, seed=seed, chroma=chroma_at(0, first),
+                                    prompt_codes=prompt_codes, on_step=window_progress(p, first - p))
     if codes.shape[0] != b and codes.shape[0] == 1:
         codes = np.repeat(codes, b, axis=0)
     window_index = 0

@@ -85,14 +85,27 @@ class MusicGenPipeline:
         return Conditioning(states, m, chroma_rows)
 
     def melody_waveforms(self, melody: AudioInput | Sequence[AudioInput], batch: int) -> list[np.ndarray]:
-        """Melody inputs → one float32 [C, S] waveform per prompt at the chroma sample rate."""
-        from runtime.audio_io import load_audio_input
+        """Melody inputs → one mono float64 waveform per prompt at the chroma sample rate.
+
+        Resampled with the chroma module's sinc resampler (the reference extractor's), not soxr:
+        a different resampler moves energy between FFT bins and can flip near-tie chroma frames.
+        """
+        from runtime.audio_io import load_audio_input, read_audio
+        from runtime.chroma import sinc_resample
 
         if not self.is_melody:
             raise ValueError("--melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
-        sr = self.config["melody"]["sampling_rate"]
+        target = self.config["melody"]["sampling_rate"]
         items = list(melody) if isinstance(melody, list) else [melody]
-        wavs = [load_audio_input(item, sr, require_signal=True) for item in items]
+        wavs = []
+        for item in items:
+            if isinstance(item, tuple):
+                wav = load_audio_input(item, int(item[1]) if len(item) == 2 else target, require_signal=True)
+                sr = int(item[1])
+            else:
+                wav, sr = read_audio(item, require_signal=True)
+            mono = wav.astype(np.float64).mean(axis=0)  # channel mean first, as the reference does
+            wavs.append(sinc_resample(mono, sr, target) if sr != target else mono)
         if len(wavs) == 1 and batch > 1:
             wavs = wavs * batch
         if len(wavs) != batch:

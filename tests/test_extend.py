@@ -175,8 +175,6 @@ def test_continuation_keeps_prompt_frames(mlx_folder, window_s, duration, prompt
     assert _snr_db(ref, audio[..., :ref.shape[-1]]) >= 60.0
 
 
-@pytest.mark.xfail(strict=True, reason="extend.generate_long: a prompt longer than one window is cut to "
-                                      "the window and its later frames are replaced by generated ones")
 def test_prompt_longer_than_window_is_kept(mlx_folder):
     pipe = _pipe(mlx_folder("mono"), window_s=1.0)
     prompt = _prompt_audio(1.5)  # 75 frames, window 50
