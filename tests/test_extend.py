@@ -116,7 +116,8 @@ def test_exact_frame_count_and_position_limit(mlx_folder, monkeypatch, case):
     assert audio.shape == (1, 1, frames * HOP)
     assert [(w["frames"], 0 if w["prompt"] is None else w["prompt"].shape[-1]) for w in rec.windows] == windows
     assert all(w["frames"] <= pipe.max_frames for w in rec.windows)
-    assert len(rec.caches) == len(windows)
+    # The token loop reuses one cache (and compiled step) across windows of the same shape.
+    assert 1 <= len(rec.caches) <= len(windows)
     rec.check_positions(pipe.config["decoder"]["max_position_embeddings"])
     # Each window's context is the tail of what came before, unchanged.
     start = 0
