@@ -98,6 +98,42 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
         click.echo(f"published to {upload_repo}")
 
 
+@main.command("convert-all")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder receiving one sub-folder per variant.")
+@click.option("--variant", "variants", multiple=True, help="Variant(s) to convert (default: every manifest).")
+@click.option("--hf-root", default=None, type=click.Path(), help="Local folder holding <variant>/ hub folders instead of the hub.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight dtype (T5, EnCodec, norms and biases stay float32).")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder per the manifest's policy.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per weight with -q.")
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Group size with -q.")
+@click.option("--q-recipe", default=None, help="Mixed-precision recipe, e.g. mixed-4-8.")
+@click.option("--force", is_flag=True, help="Convert again even when a verified output exists.")
+@click.option("--no-check-variant", is_flag=True, help="Auto-detect instead of enforcing each variant's manifest.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Reader threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
+@friendly_errors
+def convert_all_cmd(out_dir, variants, hf_root, dtype, quantize, q_bits, q_group_size, q_recipe, force,
+                    no_check_variant, max_shard_size, workers, as_json):
+    """Convert every manifest (or --variant list); complete, verified outputs are skipped (resumable)."""
+    from dataclasses import asdict
+
+    from converters.convert import QuantizeOptions
+    from converters.convert_all import convert_all, format_summary
+
+    qopts = QuantizeOptions(int(q_bits), int(q_group_size), q_recipe) if quantize else None
+    rows = convert_all(out_dir, variants=list(variants) or None, hf_root=hf_root, dtype=dtype, quantize=qopts,
+                       force=force, check_variant=not no_check_variant, max_shard_size=max_shard_size,
+                       workers=workers, progress=False,
+                       on_row=None if as_json else (lambda r: click.echo(f"{r.variant}: {r.status} {r.message or ''}")))
+    if as_json:
+        click.echo(json.dumps([{k: str(v) if k == "path" else v for k, v in asdict(r).items()} for r in rows], indent=2))
+    else:
+        click.echo(format_summary(rows))
+    sys.exit(1 if any(r.status == "failed" for r in rows) else 0)
+
+
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -208,26 +244,36 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 @click.option("--hf-path", default=None, help="Reference Hugging Face folder or repo id (needs the convert + dev extras).")
 @click.option("--mlx-path", required=True, help="MLX checkpoint to check.")
 @click.option("--reference-mlx-path", default=None,
-              help="Compare a quantized checkpoint against this (fp32) MLX checkpoint instead: top-1 agreement and KL.")
+              help="Compare a quantized checkpoint against this reference instead (an fp32 MLX checkpoint, or a "
+                   "transformers folder / repo id): per-codebook top-1 agreement and KL.")
+@click.option("--continue-from", "continue_from", default=None, type=click.Path(exists=True),
+              help="Audio prompt: adds greedy continuation rows.")
+@click.option("--sequences", type=click.IntRange(1, 64), default=4, show_default=True, help="Fidelity: code sequences per prompt.")
+@click.option("--length", type=click.IntRange(8, 1500), default=50, show_default=True, help="Fidelity: frames per sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fixed inputs.")
+@click.option("--dequantize", is_flag=True, help="Fidelity: run quantized layers as float matmuls (fast on CPU; same numbers up to round-off).")
+@click.option("--max-kl", type=float, default=None, help="Fidelity: fail above this mean KL.")
 @click.option("--melody", default=None, type=click.Path(exists=True), help="Melody file for melody rows (default: a test signal).")
 @click.option("--steps", type=click.IntRange(2, 500), default=12, show_default=True, help="Greedy tokens to compare.")
 @click.option("--min-top1", type=float, default=None, help="With --reference-mlx-path: fail below this top-1 agreement.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
-def parity(hf_path, mlx_path, reference_mlx_path, melody, steps, min_top1, as_json):
+def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, length, seed, dequantize, max_kl,
+           melody, steps, min_top1, as_json):
     """Check an MLX checkpoint against transformers (or a quantized one against fp32). Exit 1 on failure."""
     if reference_mlx_path:
         from runtime.fidelity import fidelity_report
 
-        rep = fidelity_report(mlx_path, reference_mlx_path)
-        ok = rep.passes(min_top1) if min_top1 is not None else True
+        rep = fidelity_report(mlx_path, reference_mlx_path, num_sequences=sequences, length=length, seed=seed,
+                              dequantize=dequantize)
+        ok = rep.passes(min_top1 if min_top1 is not None else 0.0, max_kl=max_kl)
         click.echo(rep.to_json() if as_json else rep.format_table())
         sys.exit(0 if ok else 1)
     if not hf_path:
         raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
     from converters.parity import run_parity
 
-    rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody)
+    rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody, audio_prompt=continue_from, seed=seed)
     click.echo(rep.to_json() if as_json else rep.format_table())
     sys.exit(0 if rep.ok else 1)
 
