@@ -67,9 +67,14 @@ def plan_windows(window: int, num_frames: int, prompt_frames: int, stride: int,
     if prompt_frames >= num_frames:
         raise ValueError(f"--duration: the audio prompt is already {prompt_frames / frame_rate:.2f} s; ask for a "
                          "longer total duration (the output includes the prompt)")
-    first = min(num_frames, window)
-    plan = [Window(0, 0, first, 0, min(prompt_frames, first), seed)]
-    total = first
+    if prompt_frames >= window:
+        # A prompt longer than one window is kept whole: a first "window" with nothing to
+        # generate, then later windows continue from its last `window - stride` frames.
+        plan = [Window(0, 0, prompt_frames, 0, prompt_frames, seed)]
+    else:
+        first = min(num_frames, window)
+        plan = [Window(0, 0, first, 0, prompt_frames, seed)]
+    total = plan[0].frames
     while total < num_frames:
         keep = window - stride
         n = min(window, keep + (num_frames - total))
@@ -125,10 +130,9 @@ class FrameStream:
 
     def _steps_in(self, w: Window) -> int:
         """Decoder steps of one window: positions from the first free one (>= 1) to the end."""
-        s_total = 1 + w.frames + self.max_delay
         if w.prompt_frames >= w.frames:
-            return s_total - max(1, s_total)  # fully known: no step (same rule as iter_tokens)
-        return s_total - max(1, 1 + w.prompt_frames)
+            return 0  # fully known (a prompt of a window or more): the model does not run
+        return w.frames + self.max_delay - w.prompt_frames  # first free position is 1 + prompt
 
     def _chroma_for(self, w: Window) -> np.ndarray | None:
         # Same per-window rule as runtime.extend.generate_long, so windows see the same melody.
@@ -146,12 +150,14 @@ class FrameStream:
                 self.codes(w.start + w.keep)  # the context must be on the host
                 prompt = self._codes[..., w.start:w.start + w.keep]
             pattern = self._pattern(w, prompt)
-            cond = pipe.condition(self.prompts, self.sampling, self._chroma_for(w))
             start = max(1, first_free_position(pattern))
             self._win, self._seq = w, pattern.copy()
             self._pending, self._pending_from = [], start
             self._advance(start)
             yield self.steps
+            if w.prompt_frames >= w.frames:
+                continue  # nothing to generate (generate_long does not run the model either)
+            cond = pipe.condition(self.prompts, self.sampling, self._chroma_for(w))
             for pos, tok in iter_tokens(pipe.model, cond, pattern, self.sampling, w.seed, pipe.compile_step):
                 self._pending.append(tok)
                 self.steps += 1

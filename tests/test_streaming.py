@@ -151,6 +151,22 @@ def test_extended_generation_streams_window_by_window(mlx_folder, arch):
     assert pipe.last_stats["steps"] == window_ends[-1]
 
 
+def test_prompt_longer_than_window_streams_then_continues(mlx_folder):
+    """A prompt longer than one window is kept whole (emitted before any step), then extended."""
+    pipe = _pipe(mlx_folder("mono"), window_s=1.0)
+    prompt = _prompt_audio(1.5)  # 75 frames, window 50
+    latency = pipe.model.audio_encoder.stream_decoder().latency_frames
+    ref, _sr, ref_codes = pipe.generate(PROMPT, 2.3, seed=6, extend_stride=0.6, audio_prompt=prompt,
+                                        return_codes=True)
+    chunks, at = _collect(pipe, PROMPT, 2.3, chunk_seconds=0.1, seed=6, extend_stride=0.6, audio_prompt=prompt)
+    assert at.count(0) == (75 - latency) // 5  # the whole prompt is final before the first step
+    got = np.concatenate(chunks, axis=-1)
+    assert got.shape == ref.shape == (1, 1, 115 * 640)
+    assert _snr_db(ref, got) >= 60.0
+    # Windows: the prompt (no steps), then 50-frame windows keeping 20 frames of context.
+    assert pipe.last_stats["steps"] == (50 - 20 + 3) + (30 - 20 + 3)
+
+
 def test_frame_stream_codes_equal_generate_codes(mlx_folder):
     """The codes behind the stream, window by window and with an audio prompt, equal generate's."""
     from runtime.streaming import FrameStream
