@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # converters/, runtime/ without an installed package
 CACHE = ROOT / "benchmarks" / ".cache"
 FRAME_RATE = 50  # decoder steps per second of audio
 
@@ -270,12 +271,12 @@ def _mlx_profile(model: Any, codebooks: int, n: int = 30) -> dict[str, float]:
     return out
 
 
-def run_worker(spec: list[str], timeout: float) -> dict[str, Any] | None:
+def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Run one measurement in a child process; its last stdout line is the JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *spec]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})})
     except subprocess.TimeoutExpired:
         print(f"[bench] {' '.join(spec[:2])}: timed out after {timeout:.0f} s", flush=True)
         return None
@@ -313,6 +314,9 @@ def main() -> None:
                     help="transformers dtypes (default: fp32,bf16 on CPU, fp32 on GPU); '' skips")
     ap.add_argument("--q-dtype", choices=("fp32", "fp16", "bf16"), default=None,
                     help="float dtype of q8/q4 checkpoints (default: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--mlx-env", action="append", default=None, metavar="K=V[,K=V]",
+                    help="run every MLX mode once per given environment (e.g. MLX_MAX_OPS_PER_BUFFER=200); "
+                         "repeatable; '' = as inherited")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     ap.add_argument("--json", default=None, help="write all results to this file")
@@ -350,17 +354,22 @@ def main() -> None:
     print(f"[bench] models ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     results: list[dict[str, Any]] = []
-    jobs = [("hf", m, src) for m in hf_modes] + [("mlx", m, folders[m]) for m in modes]
-    for engine, mode, folder in jobs:
+    envs = a.mlx_env if a.mlx_env else [""]
+    jobs = [("hf", m, src, "") for m in hf_modes] + [("mlx", m, folders[m], e) for m in modes for e in envs]
+    for engine, mode, folder, env in jobs:
         spec = [engine, mode, str(folder), str(a.steps), str(a.repeats), str(a.seed), str(channels),
                 str(codebooks)]
-        r = run_worker(spec, a.timeout)
+        extra = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+        r = run_worker(spec, a.timeout, extra)
         if r is None:
             continue
         r["best_s"] = min(r["times"])
         r["steps_per_s"] = a.steps / r["best_s"]
+        r["env"] = env
         if engine == "mlx" and mode.startswith("q"):
             r["mode"] = f"{mode} ({q_dtype})"
+        if env:
+            r["mode"] += f" [{env.replace('MLX_MAX_OPS_PER_BUFFER', 'ops')}]"
         results.append(r)
         prof = f"; sync step {r['sync_step_ms']:.2f} ms, sampling {r['sample_ms']:.2f} ms" if "sync_step_ms" in r else ""
         print(f"[bench] {engine} {r['mode']}: {r['steps_per_s']:.1f} steps/s = {1e3 / r['steps_per_s']:.2f} ms/step "

@@ -135,6 +135,67 @@ def _merge_heads(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
+class _Packed:
+    """Weights of several same-shaped projections packed into one matrix (rows concatenated).
+
+    A decode step at batch 2 is bound by per-kernel launch/encode cost, not by FLOPs, so one
+    matmul over the packed rows replaces several (q/k/v, the K codebook heads, the K embedding
+    lookups). The modules' own parameters are replaced by row *views* of the packed arrays, so
+    nothing is duplicated and `parameters()` / saved weights are unchanged. `valid()` notices a
+    later `load_weights`/`update` (the views are no longer the module's arrays) and the caller
+    then falls back to the per-module path.
+    """
+
+    def __init__(self, mods: list[nn.Module]):
+        names = ("weight", "scales", "biases") if isinstance(mods[0], nn.QuantizedLinear) else ("weight",)
+        self.quantized = len(names) == 3
+        if self.quantized:
+            m0 = mods[0]
+            self.group_size, self.bits = m0.group_size, m0.bits
+            self.mode = getattr(m0, "mode", "affine")
+        packed = {n: mx.concatenate([getattr(m, n) for m in mods], axis=0) for n in names}
+        mx.eval(packed)
+        rows = [m.weight.shape[0] for m in mods]
+        self.arrays = packed
+        self.members: list[tuple[nn.Module, dict[str, mx.array]]] = []
+        start = 0
+        for m, r in zip(mods, rows):
+            views = {n: packed[n][start:start + r] for n in names}
+            mx.eval(views)
+            m.update(views)
+            self.members.append((m, views))
+            start += r
+
+    @staticmethod
+    def compatible(mods: list[nn.Module]) -> bool:
+        kinds = {type(m) for m in mods}
+        if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear, nn.Embedding):
+            return False
+        if any("bias" in m for m in mods):
+            return False
+        m0 = mods[0]
+        if isinstance(m0, nn.QuantizedLinear):
+            return all((m.group_size, m.bits, getattr(m, "mode", "affine")) ==
+                       (m0.group_size, m0.bits, getattr(m0, "mode", "affine")) for m in mods)
+        return len({(m.weight.shape[1], m.weight.dtype) for m in mods}) == 1
+
+    def valid(self) -> bool:
+        return all(m[n] is v for m, views in self.members for n, v in views.items())
+
+    def __call__(self, x: mx.array) -> mx.array:
+        a = self.arrays
+        if self.quantized:
+            return mx.quantized_matmul(x, a["weight"], scales=a["scales"], biases=a["biases"], transpose=True,
+                                       group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return x @ a["weight"].T
+
+
+def _packed(owner: Any, name: str) -> "_Packed | None":
+    """The owner's packed weights if still current (set by `MusicgenDecoder.pack_for_decode`)."""
+    p = owner.__dict__.get(name)
+    return p if p is not None and p.valid() else None
+
+
 class Attention(nn.Module):
     """Multi-head attention without biases (names as in the checkpoint: q/k/v/out_proj)."""
 
@@ -151,10 +212,22 @@ class Attention(nn.Module):
         """K and V of `x` (B, S, dims), each (B, heads, S, head_dim)."""
         return _split_heads(self.k_proj(x), self.num_heads), _split_heads(self.v_proj(x), self.num_heads)
 
+    def queries_keys_values(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Q, K, V of `x` (B, T, dims), each (B, heads, T, head_dim); one matmul when packed."""
+        packed = _packed(self, "_qkv")
+        if packed is None:
+            return (_split_heads(self.q_proj(x), self.num_heads), *self.keys_values(x))
+        B, T, _ = x.shape
+        # (B, T, 3h) -> (3, B, heads, T, head_dim): reshape of a contiguous result + a view.
+        qkv = packed(x).reshape(B, T, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
     def attend(self, x: mx.array, keys: mx.array, values: mx.array,
-               mask: mx.array | str | None) -> mx.array:
-        """Queries from `x` (B, T, dims) attend to given keys/values; returns (B, T, dims)."""
-        q = _split_heads(self.q_proj(x), self.num_heads)
+               mask: mx.array | str | None, q: mx.array | None = None) -> mx.array:
+        """Queries from `x` (B, T, dims) (or given, (B, heads, T, head_dim)) attend to given
+        keys/values; returns (B, T, dims)."""
+        if q is None:
+            q = _split_heads(self.q_proj(x), self.num_heads)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(_merge_heads(out))
 
@@ -178,13 +251,13 @@ class DecoderLayer(nn.Module):
         # Self-attention. With a cache, this call's K/V are written at the offset and the queries
         # attend to the whole fixed-size buffer; `self_mask` hides the slots not yet written.
         h = self.self_attn_layer_norm(x)
-        k, v = self.self_attn.keys_values(h)
+        q, k, v = self.self_attn.queries_keys_values(h)
         if cache is not None:
             start = cache.offset.reshape(1)
             k = mx.slice_update(cache.keys[index], k.astype(cache.keys[index].dtype), start, axes=(2,))
             v = mx.slice_update(cache.values[index], v.astype(cache.values[index].dtype), start, axes=(2,))
             cache.keys[index], cache.values[index] = k, v
-        x = x + self.self_attn.attend(h, k, v, self_mask)
+        x = x + self.self_attn.attend(h, k, v, self_mask, q=q)
 
         if cross is not None:
             ck, cv, cmask = cross
@@ -256,8 +329,26 @@ class MusicgenDecoder(nn.Module):
             (encoder_states.shape[0], 1, 1, encoder_states.shape[1]), dtype=mx.bool_)
 
     # --------------------------------------------------------------- forward
+    def pack_for_decode(self) -> None:
+        """Pack q/k/v of every self-attention, the K heads and the K embedding tables into one
+        matrix each (no extra memory; see `_Packed`). Idempotent; call outside `mx.compile`."""
+        def pack(owner: Any, name: str, mods: list[nn.Module]) -> None:
+            if _packed(owner, name) is None and _Packed.compatible(mods):
+                owner.__dict__[name] = _Packed(mods)
+
+        for layer in self.layers:
+            a = layer.self_attn
+            pack(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj])
+        pack(self, "_heads", list(self.lm_heads))
+        pack(self, "_embed", list(self.embed_tokens))
+
     def embed_codes(self, codes: mx.array) -> mx.array:
         """Sum of the K codebook embeddings: codes (B, K, T) -> (B, T, h)."""
+        packed = _packed(self, "_embed")
+        if packed is not None:  # one gather from the stacked tables, codebook k at rows k*(V+1)...
+            rows = self.args.vocab_size + 1
+            offsets = (mx.arange(self.args.num_codebooks, dtype=codes.dtype) * rows)[None, :, None]
+            return packed.arrays["weight"][codes + offsets].sum(axis=1)
         x = self.embed_tokens[0](codes[:, 0])
         for k in range(1, self.args.num_codebooks):
             x = x + self.embed_tokens[k](codes[:, k])
@@ -265,6 +356,11 @@ class MusicgenDecoder(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab)."""
+        packed = _packed(self, "_heads")
+        if packed is not None:  # (B, T, K*V) from one matmul -> (B, K, T, V)
+            B, T, _ = hidden.shape
+            out = packed(hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
+            return out.transpose(0, 2, 1, 3)
         return mx.stack([head(hidden) for head in self.lm_heads], axis=1)
 
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,

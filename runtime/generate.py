@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_models.musicgen import MusicGen
 from runtime.delay_pattern import first_free_position
@@ -92,6 +93,9 @@ class _StepRunner:
     def __init__(self, model: MusicGen, rows: int, max_len: int, dtype: mx.Dtype,
                  sampling: SamplingConfig, compile_step: bool):
         self.model = model
+        # The compiled trace holds the weights as constants: remember which arrays it saw, so a
+        # later load_weights/update makes `_runner_for` build a new runner instead of reusing it.
+        self.weights = _weight_arrays(model)
         self.cfg = sampling.uses_cfg
         self.sampling = sampling
         self.compile_step = compile_step
@@ -141,16 +145,25 @@ def _runner_for(model: MusicGen, rows: int, max_len: int, dtype: mx.Dtype, sampl
     Only one is kept, to bound memory (a 30 s large-model cache is ~2 GB). A runner still in use
     (an unfinished iterator) is never shared: the caller gets a private one.
     """
+    model.decoder.pack_for_decode()  # fewer, larger matmuls per step; no-op when already packed
     key = (rows, max_len, dtype, sampling, compile_step)
     cached: dict = model.__dict__.setdefault("_mlx_music_runners", {})
     runner = cached.get(key)
-    if runner is not None and not runner.busy:
+    if runner is not None and not runner.busy and _same_arrays(runner.weights, _weight_arrays(model)):
         return runner
     runner = _StepRunner(model, rows, max_len, dtype, sampling, compile_step)
     if not any(r.busy for r in cached.values()):  # replace an idle one; never drop a busy one
         cached.clear()
         cached[key] = runner
     return runner
+
+
+def _weight_arrays(model: MusicGen) -> list[mx.array]:
+    return [a for _, a in tree_flatten(model.decoder.parameters())]
+
+
+def _same_arrays(a: list[mx.array], b: list[mx.array]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _activation_dtype(model: MusicGen):
