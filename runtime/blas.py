@@ -109,7 +109,7 @@ def _gomp_loaded() -> bool:
 def _preload_torch_gomp() -> None:
     """If torch is installed, load its OpenMP runtime (libgomp) now, without importing torch.
 
-    MKL then picks its GNU threading layer, and a later `import torch` reuses the same libgomp.
+    MKL then picks its GNU threading layer, and torch, once imported, reuses the same libgomp.
     Otherwise MKL would start Intel's OpenMP and torch a second runtime beside it, which gives
     wrong matmul results in both libraries.
     """

@@ -216,16 +216,24 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 
         if not paths[0].lower().endswith(".wav"):
             raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
-        writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels)
+        if chunk_seconds <= 0:
+            raise click.BadParameter(f"{chunk_seconds}: must be > 0", param_hint="--chunk-seconds")
         t1 = time.perf_counter()
+        steps = [0, 0]
+        kwargs["progress"] = False  # the time-to-first-audio line replaces the bar
+
+        def on_step(done: int, total: int) -> None:
+            steps[:] = [done, total]
+
+        chunks = pipe.stream(prompts[0], duration, chunk_seconds=chunk_seconds, on_step=on_step, **kwargs)
+        writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels)  # after argument checks
         first = None
         try:
-            for chunk in pipe.stream(prompts[0], duration, chunk_seconds=chunk_seconds, **kwargs):
-                chunk = chunk[0] if chunk.ndim == 3 else chunk
+            for chunk in chunks:
                 writer.write(chunk)
                 if first is None:
                     first = time.perf_counter() - t1
-                    click.echo(f"time to first audio: {first:.2f} s", err=True)
+                    click.echo(f"time to first audio: {first:.2f} s ({steps[0]} of {steps[1]} steps)", err=True)
         finally:
             writer.close()
         click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch)")

@@ -223,12 +223,16 @@ class MusicGenPipeline:
                melody: AudioInput | None = None, audio_prompt: AudioInput | None = None,
                extend_stride: float = 18.0, progress: bool = False,
                on_step: Callable[[int, int], None] | None = None):
-        """Like `generate`, but an iterator of float32 audio chunks [B, channels, samples] (B == 1
-        too) yielded as soon as they are final; their concatenation equals `generate`'s audio for
-        the same seed. See runtime/streaming.py for chunk sizes and latency."""
+        """Like `generate`, but an iterator of float32 audio chunks yielded as soon as they are
+        final: [channels, samples] for one prompt given as a string, [B, channels, samples] for a
+        list. Their concatenation equals `generate`'s audio for the same seed. Bad arguments raise
+        here, before the first chunk. See runtime/streaming.py for chunk sizes and latency."""
         from runtime.streaming import stream_audio
 
-        return stream_audio(self, prompts, duration, chunk_seconds=chunk_seconds, guidance_scale=guidance_scale,
+        chunks = stream_audio(self, prompts, duration, chunk_seconds=chunk_seconds, guidance_scale=guidance_scale,
                             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
                             melody=melody, audio_prompt=audio_prompt, extend_stride=extend_stride,
                             progress=progress, on_step=on_step)
+        if not isinstance(prompts, str):
+            return chunks
+        return (c[0] for c in chunks)

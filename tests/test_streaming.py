@@ -59,8 +59,11 @@ def _collect(pipe, *args, **kwargs) -> tuple[list[np.ndarray], list[int]]:
     """Stream; return the chunks and, per chunk, the decoder steps run before it arrived."""
     steps = [0]
     chunks, at = [], []
+    single = isinstance(args[0], str)
     for chunk in pipe.stream(*args, on_step=lambda i, total: steps.__setitem__(0, i), **kwargs):
-        chunks.append(chunk)
+        # one prompt given as a string streams [channels, samples]; a list streams [B, channels, samples]
+        assert chunk.ndim == (2 if single else 3)
+        chunks.append(chunk[None] if single else chunk)
         at.append(steps[0])
     return chunks, at
 
@@ -201,8 +204,8 @@ def test_progressive_wav_readable_after_every_chunk(mlx_folder, tmp_path):
     written = []
     with ProgressiveWavWriter(path, pipe.sample_rate, pipe.audio_channels, subtype="FLOAT") as writer:
         for chunk in pipe.stream(PROMPT, 1.0, chunk_seconds=0.1, seed=4):
-            writer.write(chunk[0])  # B == 1: chunk[0] is [channels, samples]
-            written.append(chunk[0])
+            writer.write(chunk)  # a string prompt streams [channels, samples]
+            written.append(chunk)
             data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # file valid mid-stream
             assert sr == pipe.sample_rate
             np.testing.assert_array_equal(data.T, np.concatenate(written, axis=-1))
