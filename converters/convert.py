@@ -7,7 +7,6 @@ streaming sharded writer, all into a temporary folder that is renamed into place
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_js
 from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
+from runtime.checksums import sha256_file as _sha256
 
 __version__ = "0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -173,13 +173,6 @@ def _stale_partials(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _license_from_readme(folder: Path) -> str | None:
     readme = folder / "README.md"
@@ -285,6 +278,14 @@ def convert_checkpoint(
             arr = _checked(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose), allow_nonfinite)
             return cast(arr, target)[0]
 
+        def emit(it: OutputTensor, result, done: int) -> int:
+            """Write one finished tensor (result: array or future) in plan order."""
+            writer.write(it.key, result.result() if hasattr(result, "result") else result)
+            bar.update(it.nbytes)
+            if _after_tensor:
+                _after_tensor(done + 1)
+            return done + 1
+
         done = 0
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for shard_items, name in zip(shards, names):
@@ -296,28 +297,13 @@ def convert_checkpoint(
                 serial = any(by_key[k][1].startswith("q:") for k in quant_groups)
                 for it in queue:
                     if serial:
-                        arr = produce(it.key)
-                        writer.write(it.key, arr)
-                        bar.update(it.nbytes)
-                        done += 1
-                        if _after_tensor:
-                            _after_tensor(done)
+                        done = emit(it, produce(it.key), done)
                         continue
                     pending.append((it, pool.submit(produce, it.key)))
                     if len(pending) >= 2 * max(1, workers):
-                        it0, fut = pending.popleft()
-                        writer.write(it0.key, fut.result())
-                        bar.update(it0.nbytes)
-                        done += 1
-                        if _after_tensor:
-                            _after_tensor(done)
+                        done = emit(*pending.popleft(), done)
                 while pending:
-                    it0, fut = pending.popleft()
-                    writer.write(it0.key, fut.result())
-                    bar.update(it0.nbytes)
-                    done += 1
-                    if _after_tensor:
-                        _after_tensor(done)
+                    done = emit(*pending.popleft(), done)
                 record_files[name] = {"sha256": writer.close(), "size": writer.size}
                 writer = None
         bar.close()

@@ -15,7 +15,6 @@ reported in its row and the others still run; Ctrl-C stops the whole run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Callable, Sequence
 from .convert import DTYPES, QuantizeOptions, convert_checkpoint
 from .errors import ConvertError
 from .manifest import load_manifest, variant_names
+from runtime.checksums import sha256_file as _sha256
 
 STATUSES = ("converted", "skipped", "failed")
 _DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
@@ -52,13 +52,6 @@ def output_name(variant: str, dtype: str = "float32", quantize: QuantizeOptions 
             name += f"-g{quantize.group_size}"
     return name
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _folder_size(folder: Path) -> int:

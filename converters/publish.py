@@ -18,6 +18,7 @@ from typing import Callable
 from runtime.hub import checkpoint_problems
 
 from .model_card import REPO_PLACEHOLDER
+from runtime.checksums import sha256_file as _sha256
 
 # Files an MLX checkpoint may hold besides its weight shards (notes/SPEC.md).
 _META_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -56,13 +57,6 @@ def find_token(token: str | None = None) -> str | None:
     except Exception:  # a broken stored-token file must not hide the clear "no token" error below
         return None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_record(folder: Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import mlx.nn as nn
 
 from mlx_models.musicgen import MusicGen
 from runtime.hub import resolve_model_path
+from runtime.checksums import sha256_file as _sha256
 
 
 class CheckpointError(ValueError):
@@ -25,13 +25,6 @@ def _read_json(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_files(folder: Path, shards: list[str], verify: bool) -> None:

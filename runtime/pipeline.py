@@ -19,6 +19,16 @@ from runtime.text import TextTokenizer
 AudioInput = Any  # a path, or a (waveform, sample_rate) tuple
 
 
+def normalize_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """One prompt or a list of them → a non-empty list of strings (ValueError otherwise)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: every prompt must be a string")
+    return prompts
+
+
 class MusicGenPipeline:
     def __init__(self, model: MusicGen, config: dict, tokenizer: TextTokenizer, path: Path | None = None):
         self.model = model
@@ -192,13 +202,7 @@ class MusicGenPipeline:
         """
         from runtime.extend import generate_long
 
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts: give at least one prompt")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: every prompt must be a string")
+        prompts = normalize_prompts(prompts)
         sampling = self.sampling_config(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                                         top_p=top_p, do_sample=False if greedy else None)
         frames = self.frames_for(duration)

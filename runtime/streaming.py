@@ -32,6 +32,7 @@ import numpy as np
 from runtime.delay_pattern import build_pattern, codebook_delays, first_free_position
 from runtime.generate import iter_tokens
 from runtime.sampling import SamplingConfig
+from runtime.pipeline import normalize_prompts
 
 if TYPE_CHECKING:  # the pipeline imports this module lazily; avoid a cycle at import time
     from runtime.pipeline import AudioInput, MusicGenPipeline
@@ -287,13 +288,7 @@ def stream_audio(pipe: "MusicGenPipeline", prompts: str | Sequence[str], duratio
     at call time. After the stream ends, `pipe.last_stats` holds steps, seconds and
     `first_chunk_steps` / `first_chunk_seconds` (time to first audio).
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: give at least one prompt")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts: every prompt must be a string")
+    prompts = normalize_prompts(prompts)
     if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \
             or not math.isfinite(chunk_seconds) or chunk_seconds <= 0:
         raise ValueError(f"--chunk-seconds {chunk_seconds}: must be a positive number of seconds")
