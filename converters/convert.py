@@ -244,6 +244,13 @@ def convert_checkpoint(
     shards = plan_shards([it for it, _, _ in items], max_bytes)
     names = shard_names(len(shards))
     by_key = {it.key: (r, how) for it, r, how in items}
+    # Uses left per source file: a shard is closed (its mmap released) after its last tensor, so
+    # resident memory stays near one shard's worth however large the checkpoint is.
+    uses_left: dict[str, int] = {}
+    for _it, r, _how in items:
+        for src in r.sources:
+            f = reader.tensors[src].file
+            uses_left[f] = uses_left.get(f, 0) + 1
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +289,11 @@ def convert_checkpoint(
             """Write one finished tensor (result: array or future) in plan order."""
             writer.write(it.key, result.result() if hasattr(result, "result") else result)
             bar.update(it.nbytes)
+            for src in by_key[it.key][0].sources:
+                f = reader.tensors[src].file
+                uses_left[f] -= 1
+                if uses_left[f] == 0:
+                    reader.shards[f].close()
             if _after_tensor:
                 _after_tensor(done + 1)
             return done + 1

@@ -53,6 +53,10 @@ def friendly_errors(fn):
 @click.version_option("0.1.0", prog_name="mlx-music")
 def main() -> None:
     """Convert MusicGen checkpoints to MLX and generate music with them."""
+    import warnings
+
+    # Warnings (e.g. a prompt truncated to the text encoder's limit) as one line, no source echo.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 # ---------------------------------------------------------------------------------------------
