@@ -8,8 +8,12 @@ tensor data is read when asked for. `.bin` files are pickles: they are opened on
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 import pickle
+import sys
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,92 @@ def _torch():
     return torch
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1}
+_ST_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+    """A safetensors file read with positioned reads (no mmap, no torch).
+
+    Every byte of a tensor is read once into memory we own and free, so resident memory stays at
+    the tensors in flight, not at the pages of a mapping that grows with the checkpoint. The
+    header is validated completely before any tensor is used.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        bad = lambda why: SourceError(f"{path}: not a valid safetensors file ({why})")  # noqa: E731
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes: shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise bad(f"header length {n} exceeds the file size {size}")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise bad(f"header is not valid JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("header must be a JSON object")
+        header.pop("__metadata__", None)
+        self.data_start, data_len = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                raise bad(f"tensor {key}: entry needs dtype, shape and data_offsets") from None
+            if dtype not in _ST_ITEMSIZE:
+                raise bad(f"tensor {key} has unsupported dtype {dtype!r}")
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(
+                    isinstance(o, int) for o in (begin, end)):
+                raise bad(f"tensor {key}: shape and data_offsets must be non-negative integers")
+            if not 0 <= begin <= end <= data_len:
+                raise bad(f"tensor {key}: data offsets [{begin}, {end}] out of range (the file holds "
+                          f"{data_len} data bytes; truncated?)")
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]:
+                raise bad(f"tensor {key}: data offsets [{begin}, {end}] do not match shape {list(shape)} {dtype}")
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def read(self, key: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[key]
+        with open(self.path, "rb") as f:
+            raw = os.pread(f.fileno(), end - begin, self.data_start + begin)
+        if len(raw) != end - begin:
+            raise SourceError(f"{self.path}: tensor {key} is cut short (file changed while reading?)")
+        arr = np.frombuffer(raw, dtype=_ST_NUMPY[dtype]).reshape(shape)
+        if dtype == "BF16":  # bfloat16 is the top half of a float32
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32) if dtype in ("F16", "F64") else arr
+
+
+def _release_pages(t) -> None:
+    """Tell the kernel the mmapped pages under a consumed tensor can go (MADV_DONTNEED): a
+    read-only file mapping simply re-reads them if ever touched again."""
+    nbytes = t.untyped_storage().nbytes() if t.numel() else 0
+    if not nbytes or not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.untyped_storage().data_ptr() // page) * page
+    end = (t.untyped_storage().data_ptr() + nbytes) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4 = MADV_DONTNEED
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 class _Shard:
     """One weight file; opened on first use, then shared by the worker threads."""
 
@@ -68,16 +158,9 @@ class _Shard:
             return self._handle
 
     def _open_safetensors(self):
-        from safetensors import safe_open
-
-        _torch()
         if not self.path.exists():
             raise SourceError(f"{self.path}: weight file not found")
-        try:
-            return safe_open(str(self.path), framework="pt")
-        except Exception as e:  # SafetensorError and friends: corrupt header, truncation, ...
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SourceError(f"{self.path}: not a valid safetensors file ({msg})") from None
+        return _SafetensorsFile(self.path)
 
     def _open_bin(self):
         torch = _torch()
@@ -110,9 +193,8 @@ class _Shard:
         h = self.open()
         out = []
         if self.kind == "safetensors":
-            for k in h.keys():
-                sl = h.get_slice(k)
-                out.append(TensorInfo(k, tuple(sl.get_shape()), sl.get_dtype(), self.path.name))
+            for k, (dtype, shape, _b, _e) in h.entries.items():
+                out.append(TensorInfo(k, shape, dtype, self.path.name))
         else:
             for k, v in h.items():
                 dt = _TORCH_TO_ST.get(str(v.dtype))
@@ -124,14 +206,20 @@ class _Shard:
     def read(self, key: str) -> np.ndarray:
         """The tensor as float32 numpy (all MusicGen weights are floating point)."""
         h = self.open()
+        if self.kind == "safetensors":
+            return h.read(key)
         torch = _torch()
         try:
-            t = h.get_tensor(key) if self.kind == "safetensors" else h[key]
+            t = h[key]
+            # Our own copy, then drop the mapped pages: RSS does not grow with the checkpoint.
+            arr = t.to(torch.float32).contiguous().numpy().copy() if t.dtype.is_floating_point \
+                else t.contiguous().numpy().copy()
+            _release_pages(t)
+        except SourceError:
+            raise
         except Exception as e:
             raise SourceError(f"{self.path}: cannot read tensor {key} ({str(e).splitlines()[0][:200]})") from None
-        if t.dtype in (torch.float16, torch.bfloat16, torch.float64):
-            t = t.to(torch.float32)
-        return t.contiguous().numpy()
+        return arr
 
     def close(self) -> None:
         self._handle = None
