@@ -43,6 +43,13 @@ class MusicGenPipeline:
         self.is_melody: bool = config["model_type"] == "musicgen_melody"
         self.last_stats: dict[str, float] = {}
         self.compile_step = True  # compile the decoder step (False: eager, for debugging)
+        if self.is_melody:
+            # Melody models put the text in the decoder's positions: cap it so that prefix + a full
+            # window always fits the position table (a longer prompt is truncated with a warning).
+            delay = self.num_codebooks // self.audio_channels - 1
+            room = (config["decoder"]["max_position_embeddings"] - config["melody"]["chroma_length"]
+                    - (self.max_frames + delay + 1))
+            self.tokenizer.max_tokens = max(2, min(self.tokenizer.max_tokens, room))
 
     # ------------------------------------------------------------------ limits
     @property

@@ -27,7 +27,7 @@ class TextTokenizer:
         encs = self.tok.encode_batch(list(prompts))
         ids = [e.ids for e in encs]
         if any(len(x) > self.max_tokens for x in ids):
-            warnings.warn(f"prompt longer than the text encoder's {self.max_tokens} tokens; truncated", stacklevel=3)
+            warnings.warn(f"prompt longer than {self.max_tokens} tokens (the text limit of this model); truncated", stacklevel=3)
             # keep the end-of-sequence token, as a truncating T5 tokenizer does
             ids = [x[: self.max_tokens - 1] + x[-1:] if len(x) > self.max_tokens else x for x in ids]
         n = max(len(x) for x in ids)

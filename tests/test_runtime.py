@@ -121,3 +121,15 @@ def test_embedded_checkpoint_end_to_end(tmp_path):
     assert np.abs(data[:, 0] - data[:, 1]).max() > 1e-3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["audio_channels"] == 2 and cfg["num_codebooks"] == 8
+
+
+def test_melody_text_is_capped_to_fit_the_positions(mlx_folder):
+    """Melody models carry the text in decoder positions: a long prompt is truncated (warning) so
+    prefix + a full window never exceeds the position table."""
+    pipe = load(mlx_folder("melody"))
+    cfg = pipe.config
+    room = cfg["decoder"]["max_position_embeddings"] - cfg["melody"]["chroma_length"] - (pipe.max_frames + 3 + 1)
+    assert pipe.tokenizer.max_tokens == min(512, room)
+    with pytest.warns(UserWarning, match="truncated"):
+        ids, _ = pipe.tokenizer(["jazz " * 300])
+    assert ids.shape[1] == pipe.tokenizer.max_tokens and ids[0, -1] == 1  # ends with </s>
