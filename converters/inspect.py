@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -12,22 +11,11 @@ from .errors import ConvertError, SourceError
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Header of a safetensors file without loading data (and without torch)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SourceError(f"{path}: truncated safetensors file (no header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise SourceError(f"{path}: header length {n} exceeds file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    return header
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """key -> (dtype, shape, begin, end) of a safetensors file, validated, without reading data."""
+    from .shard_reader import _SafetensorsFile
+
+    return _SafetensorsFile(path).entries
 
 
 def inspect_folder(path: str | Path) -> dict:
@@ -52,12 +40,12 @@ def _inspect_mlx(folder: Path, cfg: dict) -> dict:
     tensors: dict[str, dict] = {}
     for shard in sorted(set(index["weight_map"].values())):
         tensors.update(read_safetensors_header(folder / shard))
-    dtypes = Counter(t["dtype"] for t in tensors.values())
-    nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors.values())
+    dtypes = Counter(t[0] for t in tensors.values())
+    nbytes = sum(t[3] - t[2] for t in tensors.values())
     expected = expected_shapes(cfg)
     q = (cfg.get("quantization") or {}).get("modules", {})
     present = {k for k in tensors if not k.endswith((".scales", ".biases"))}
-    wrong = [k for k in expected if k in tensors and k[:-7] not in q and tuple(tensors[k]["shape"]) != tuple(expected[k])]
+    wrong = [k for k in expected if k in tensors and k[:-7] not in q and tuple(tensors[k][1]) != tuple(expected[k])]
     params = sum(int(_prod(expected[k])) for k in expected)
     return {
         "path": str(folder), "format": "mlx", "variant": cfg.get("variant") or "custom",

@@ -56,10 +56,10 @@ def _torch():
     return torch
 
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}
 _ST_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+             "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+_ST_ITEMSIZE = {name: np.dtype(t).itemsize for name, t in _ST_NUMPY.items()}
 
 
 class _SafetensorsFile:

@@ -301,6 +301,10 @@ def test_quantized_conversion_records_policy(hf_folder, tmp_path):
     w = load_mlx_weights(tmp_path / "o")
     assert w["decoder.layers.0.fc1.weight"].dtype == np.uint32
     assert w["decoder.layers.0.fc1.scales"].shape == (128, 1)
+    from converters.inspect import inspect_folder
+
+    info = inspect_folder(tmp_path / "o")
+    assert info["dtypes"]["U32"] == len(q["modules"]) and not any(info["manifest_diff"].values())
     # group size 128 does not divide the 32-wide inputs: those modules are skipped and listed.
     res = convert_checkpoint(hf_folder("mono"), tmp_path / "o2", quantize=QuantizeOptions(4, 128), progress=False)
     assert any("fc1" in s and "not divisible" in s for s in res.skipped)
