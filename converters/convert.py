@@ -304,10 +304,10 @@ def convert_checkpoint(
                 writer = ShardWriter(tmp / name, shard_items)
                 # Bounded look-ahead: a few tensors in flight, written strictly in order.
                 pending: deque = deque()
-                queue = iter(shard_items)
-                quant_groups = [it.key for it in shard_items]
-                serial = any(by_key[k][1].startswith("q:") for k in quant_groups)
-                for it in queue:
+                # Quantization runs MLX on this thread only (MLX evaluation is not used from
+                # several threads), so a shard holding quantized tensors is produced in order.
+                serial = any(by_key[it.key][1].startswith("q:") for it in shard_items)
+                for it in shard_items:
                     if serial:
                         done = emit(it, produce(it.key), done)
                         continue

@@ -48,7 +48,7 @@ def _compile(pattern: str, where: str) -> re.Pattern:
         raise ManifestError(f"manifest rule {where}: invalid regex {pattern!r} ({e})") from None
 
 
-def _group_rule(rule: dict, members: dict[str, str], source: dict[str, TensorInfo], kind: str):
+def _group_rule(rule: dict, members: dict[str, str], kind: str):
     """Collect the sources of a multi-input rule, keyed by the output key they build."""
     groups: dict[str, dict[str, str]] = {}
     if kind == "weight_norm":
@@ -108,7 +108,7 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
 
     for kind in ("weight_norm", "sum"):
         for rule in rules.get(kind, []):
-            for out, g in _group_rule(rule, remaining, source, kind).items():
+            for out, g in _group_rule(rule, remaining, kind).items():
                 srcs = [g["g"], g["v"]] if kind == "weight_norm" else sorted(g.values())
                 recipes[out] = Recipe(out, kind, srcs, rule=rule["name"])
 

@@ -316,7 +316,7 @@ def doctor():
     """Show versions, the MLX device and which BLAS MLX's CPU kernels use."""
     import platform
 
-    import runtime  # noqa: F401  (preloads the fast BLAS before mlx.core)
+    import runtime  # noqa: F401  # preloads the fast BLAS before mlx.core
     import mlx.core as mx
 
     from runtime.blas import blas_info

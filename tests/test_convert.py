@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from safetensors.numpy import load_file
 from converters.convert import QuantizeOptions, convert_checkpoint
 from converters.errors import CompletenessError, ManifestError, OutputError, SourceError
 from converters.manifest import detect_variant, load_manifest, variant_names
-from converters.mlx_config import config_facts, expected_shapes
+from converters.mlx_config import expected_shapes
 
 import tiny_models
 
