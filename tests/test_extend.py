@@ -9,47 +9,16 @@ shrink the window to 1 s through the checkpoint's generation max_duration (cheap
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mlx_models.musicgen import MusicGen
-from runtime import load
+from generation_helpers import cached_pipe, melody_tones, prompt_audio, snr_db
 from runtime.extend import generate_long
 
 PROMPT = "calm piano"
 HOP = 640
-_PIPES: dict = {}
-
-
-def _pipe(folder: Path, window_s: float | None = None):
-    key = (str(folder), window_s)
-    if key not in _PIPES:
-        pipe = load(folder)
-        if window_s is not None:
-            pipe.config["generation"]["max_duration"] = window_s  # max_frames reads it each time
-        _PIPES[key] = pipe
-    return _PIPES[key]
-
-
-def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    err = float(np.sum((ref.astype(np.float64) - got) ** 2))
-    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
-
-
-def _melody(seconds: float = 8.0) -> tuple[np.ndarray, int]:
-    """Tones changing pitch every 0.4 s (chroma varies along the melody)."""
-    sr = 32000
-    t = np.arange(int(seconds * sr)) / sr
-    freqs = np.array([262, 330, 392, 440, 494, 523, 587])[(t // 0.4).astype(int) % 7]
-    return (0.4 * np.sin(2 * np.pi * np.cumsum(freqs) / sr)).astype(np.float32), sr
-
-
-def _prompt_audio(seconds: float) -> tuple[np.ndarray, int]:
-    sr = 32000
-    t = np.arange(int(seconds * sr)) / sr
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), sr
 
 
 class Recorder:
@@ -98,7 +67,7 @@ _GREEDY: dict = {}
 
 
 def _greedy_run(mlx_folder, monkeypatch, case: str):
-    pipe = _pipe(mlx_folder("mono"))
+    pipe = cached_pipe(mlx_folder("mono"))
     assert pipe.max_frames == WINDOW
     duration = CASES[case][0]
     rec = Recorder(pipe, monkeypatch)
@@ -137,11 +106,11 @@ def test_first_window_of_long_greedy_generation_equals_one_window(mlx_folder, mo
     np.testing.assert_array_equal(long_codes[..., :WINDOW], win_codes)
     # Audio too, away from the window's end (the codec is non-causal near its right edge).
     n = (WINDOW - 10) * HOP
-    assert _snr_db(win_audio[..., :n], long_audio[..., :n]) >= 60.0
+    assert snr_db(win_audio[..., :n], long_audio[..., :n]) >= 60.0
 
 
 def test_first_window_of_long_sampled_generation_equals_one_window(mlx_folder):
-    pipe = _pipe(mlx_folder("stereo"), window_s=1.0)
+    pipe = cached_pipe(mlx_folder("stereo"), window_s=1.0)
     _a, _sr, one = pipe.generate(PROMPT, 1.0, seed=21, return_codes=True)
     _a, _sr, long = pipe.generate(PROMPT, 2.3, seed=21, extend_stride=0.6, return_codes=True)
     assert long.shape == (1, 8, 115)
@@ -149,10 +118,10 @@ def test_first_window_of_long_sampled_generation_equals_one_window(mlx_folder):
 
 
 def test_melody_positions_within_limit(mlx_folder, monkeypatch):
-    pipe = _pipe(mlx_folder("stereo-melody"))
+    pipe = cached_pipe(mlx_folder("stereo-melody"))
     assert pipe.max_frames == 168
     rec = Recorder(pipe, monkeypatch)
-    audio, _sr = pipe.generate(PROMPT, 2.3 * 168 / 50, seed=1, melody=_melody(), extend_stride=3.0)
+    audio, _sr = pipe.generate(PROMPT, 2.3 * 168 / 50, seed=1, melody=melody_tones(8.0), extend_stride=3.0)
     assert audio.shape == (1, 2, 386 * HOP)
     assert [w["frames"] for w in rec.windows] == [168, 168, 86]
     rec.check_positions(pipe.config["decoder"]["max_position_embeddings"])
@@ -161,8 +130,8 @@ def test_melody_positions_within_limit(mlx_folder, monkeypatch):
 # --------------------------------------------------------------------------------- continuation
 @pytest.mark.parametrize("window_s,duration,prompt_s", [(None, 2.0, 1.0), (1.0, 2.3, 0.5)])
 def test_continuation_keeps_prompt_frames(mlx_folder, window_s, duration, prompt_s):
-    pipe = _pipe(mlx_folder("mono"), window_s=window_s)
-    prompt = _prompt_audio(prompt_s)
+    pipe = cached_pipe(mlx_folder("mono"), window_s=window_s)
+    prompt = prompt_audio(prompt_s)
     prompt_codes = pipe.encode_audio(prompt)
     p = prompt_codes.shape[-1]
     assert p == round(prompt_s * 50)
@@ -173,12 +142,12 @@ def test_continuation_keeps_prompt_frames(mlx_folder, window_s, duration, prompt
     np.testing.assert_array_equal(codes[..., :p], prompt_codes)
     # The audio starts with the prompt, re-synthesised by the codec (away from the junction).
     ref = pipe.decode_codes(prompt_codes)[..., :(p - 10) * HOP]
-    assert _snr_db(ref, audio[..., :ref.shape[-1]]) >= 60.0
+    assert snr_db(ref, audio[..., :ref.shape[-1]]) >= 60.0
 
 
 def test_prompt_longer_than_window_is_kept(mlx_folder):
-    pipe = _pipe(mlx_folder("mono"), window_s=1.0)
-    prompt = _prompt_audio(1.5)  # 75 frames, window 50
+    pipe = cached_pipe(mlx_folder("mono"), window_s=1.0)
+    prompt = prompt_audio(1.5)  # 75 frames, window 50
     prompt_codes = pipe.encode_audio(prompt)
     _a, _sr, codes = pipe.generate(PROMPT, 2.3, greedy=True, audio_prompt=prompt, extend_stride=0.6,
                                    return_codes=True)
@@ -189,8 +158,8 @@ def test_prompt_longer_than_window_is_kept(mlx_folder):
 # ----------------------------------------------------------------------------- melody per window
 def test_generate_long_asks_for_each_windows_melody_slice(mlx_folder):
     """With a chroma function, every window asks for (its first global frame, its frame count)."""
-    pipe = _pipe(mlx_folder("stereo-melody"), window_s=1.0)
-    full = pipe.melody_chroma(pipe.melody_waveforms(_melody(), 1))
+    pipe = cached_pipe(mlx_folder("stereo-melody"), window_s=1.0)
+    full = pipe.melody_chroma(pipe.melody_waveforms(melody_tones(8.0), 1))
     calls: list[tuple[int, int]] = []
 
     def chroma_fn(start: int, n: int) -> np.ndarray:
@@ -208,8 +177,8 @@ def test_generate_conditions_each_window_on_its_melody_slice(mlx_folder, monkeyp
     [start * 640, (start + n) * 640), wrapping around a melody shorter than the output."""
     from runtime.chroma import ChromaExtractor
 
-    pipe = _pipe(mlx_folder("stereo-melody"), window_s=1.0)
-    melody = _melody(1.5)  # shorter than the 2.3 s output: the last window wraps around
+    pipe = cached_pipe(mlx_folder("stereo-melody"), window_s=1.0)
+    melody = melody_tones(1.5)  # shorter than the 2.3 s output: the last window wraps around
     wav = melody[0].astype(np.float32)[None, :]
     rec = Recorder(pipe, monkeypatch)
     audio, _sr = pipe.generate(PROMPT, 2.3, greedy=True, melody=melody, extend_stride=0.6)

@@ -16,43 +16,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runtime import load
+from generation_helpers import cached_pipe, melody_tones, prompt_audio, snr_db
 from runtime.audio_io import ProgressiveWavWriter
 from runtime.delay_pattern import codebook_delays
-from runtime.streaming import FrameStream, plan_windows
+from runtime.streaming import plan_windows
 
 PROMPT = "calm piano"
-_PIPES: dict = {}
-
-
-def _pipe(folder: Path, window_s: float | None = None):
-    """A loaded pipeline per (folder, window); window_s shrinks one window to that many seconds."""
-    key = (str(folder), window_s)
-    if key not in _PIPES:
-        pipe = load(folder)
-        if window_s is not None:
-            pipe.config["generation"]["max_duration"] = window_s  # max_frames reads it each time
-        _PIPES[key] = pipe
-    return _PIPES[key]
-
-
-def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    err = float(np.sum((ref.astype(np.float64) - got) ** 2))
-    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
-
-
-def _melody() -> tuple[np.ndarray, int]:
-    """2.5 s of tones changing pitch every 0.4 s, so the chroma varies over time."""
-    sr = 32000
-    t = np.arange(int(2.5 * sr)) / sr
-    freqs = np.array([262, 330, 392, 440, 494, 523, 587])[(t // 0.4).astype(int) % 7]
-    return (0.4 * np.sin(2 * np.pi * np.cumsum(freqs) / sr)).astype(np.float32), sr
-
-
-def _prompt_audio(seconds: float) -> tuple[np.ndarray, int]:
-    sr = 32000
-    t = np.arange(int(seconds * sr)) / sr
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), sr
 
 
 def _collect(pipe, *args, **kwargs) -> tuple[list[np.ndarray], list[int]]:
@@ -83,14 +52,14 @@ ARCHS = ("mono", "stereo", "stereo-melody")
 @pytest.mark.parametrize("chunk_seconds", [0.1, 0.5])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stream_equals_offline(mlx_folder, arch, chunk_seconds):
-    pipe = _pipe(mlx_folder(arch))
-    kw = dict(seed=11, melody=_melody() if arch.endswith("melody") else None)
+    pipe = cached_pipe(mlx_folder(arch))
+    kw = dict(seed=11, melody=melody_tones(2.5) if arch.endswith("melody") else None)
     ref, _sr = pipe.generate(PROMPT, 1.5, **kw)
     chunks, at = _collect(pipe, PROMPT, 1.5, chunk_seconds=chunk_seconds, **kw)
     _check_chunk_sizes(pipe, chunks, chunk_seconds)
     got = np.concatenate(chunks, axis=-1)
     assert got.shape == ref.shape == (1, pipe.audio_channels, 75 * 640)
-    snr = _snr_db(ref, got)
+    snr = snr_db(ref, got)
     print(f"{arch} chunk {chunk_seconds}s: {len(chunks)} chunks, SNR {snr:.1f} dB")
     assert snr >= 60.0
     assert at == sorted(at) and at[0] < at[-1]  # chunks arrive during generation, not at the end
@@ -99,7 +68,7 @@ def test_stream_equals_offline(mlx_folder, arch, chunk_seconds):
 @pytest.mark.parametrize("chunk_seconds", [0.1, 0.5])
 @pytest.mark.parametrize("arch", ["mono", "stereo"])
 def test_first_chunk_after_chunk_plus_delay_steps(mlx_folder, arch, chunk_seconds):
-    pipe = _pipe(mlx_folder(arch))
+    pipe = cached_pipe(mlx_folder(arch))
     latency = pipe.model.audio_encoder.stream_decoder().latency_frames
     max_delay = int(codebook_delays(pipe.num_codebooks, pipe.audio_channels).max())
     chunk_frames = round(chunk_seconds * pipe.frame_rate)
@@ -118,8 +87,8 @@ def test_first_chunk_after_chunk_plus_delay_steps(mlx_folder, arch, chunk_second
 
 
 def test_audio_prompt_is_streamed_first(mlx_folder):
-    pipe = _pipe(mlx_folder("mono"))
-    prompt = _prompt_audio(1.0)
+    pipe = cached_pipe(mlx_folder("mono"))
+    prompt = prompt_audio(1.0)
     p = pipe.encode_audio(prompt).shape[-1]
     latency = pipe.model.audio_encoder.stream_decoder().latency_frames
     ref, _sr, codes = pipe.generate(PROMPT, 2.0, seed=5, audio_prompt=prompt, return_codes=True)
@@ -130,19 +99,19 @@ def test_audio_prompt_is_streamed_first(mlx_folder):
     assert at.count(0) == (p - 3 - latency) // 5 > 0
     got = np.concatenate(chunks, axis=-1)
     assert got.shape == ref.shape == (1, 1, 100 * 640)
-    assert _snr_db(ref, got) >= 60.0
+    assert snr_db(ref, got) >= 60.0
 
 
 @pytest.mark.parametrize("arch", ["stereo", "stereo-melody"])
 def test_extended_generation_streams_window_by_window(mlx_folder, arch):
-    pipe = _pipe(mlx_folder(arch), window_s=1.0)  # 50-frame windows: 2.3 s needs 4 of them
+    pipe = cached_pipe(mlx_folder(arch), window_s=1.0)  # 50-frame windows: 2.3 s needs 4 of them
     assert pipe.max_frames == 50
-    kw = dict(seed=7, extend_stride=0.6, melody=_melody() if arch.endswith("melody") else None)
+    kw = dict(seed=7, extend_stride=0.6, melody=melody_tones(2.5) if arch.endswith("melody") else None)
     ref, _sr, ref_codes = pipe.generate(PROMPT, 2.3, return_codes=True, **kw)
     chunks, at = _collect(pipe, PROMPT, 2.3, chunk_seconds=0.2, **kw)
     got = np.concatenate(chunks, axis=-1)
     assert got.shape == ref.shape == (1, 2, 115 * 640)
-    snr = _snr_db(ref, got)
+    snr = snr_db(ref, got)
     print(f"{arch} 2.3 windows: SNR {snr:.1f} dB")
     assert snr >= 60.0
     plan = plan_windows(50, 115, 0, 30, 7, 50)
@@ -156,8 +125,8 @@ def test_extended_generation_streams_window_by_window(mlx_folder, arch):
 
 def test_prompt_longer_than_window_streams_then_continues(mlx_folder):
     """A prompt longer than one window is kept whole (emitted before any step), then extended."""
-    pipe = _pipe(mlx_folder("mono"), window_s=1.0)
-    prompt = _prompt_audio(1.5)  # 75 frames, window 50
+    pipe = cached_pipe(mlx_folder("mono"), window_s=1.0)
+    prompt = prompt_audio(1.5)  # 75 frames, window 50
     latency = pipe.model.audio_encoder.stream_decoder().latency_frames
     ref, _sr, ref_codes = pipe.generate(PROMPT, 2.3, seed=6, extend_stride=0.6, audio_prompt=prompt,
                                         return_codes=True)
@@ -165,7 +134,7 @@ def test_prompt_longer_than_window_streams_then_continues(mlx_folder):
     assert at.count(0) == (75 - latency) // 5  # the whole prompt is final before the first step
     got = np.concatenate(chunks, axis=-1)
     assert got.shape == ref.shape == (1, 1, 115 * 640)
-    assert _snr_db(ref, got) >= 60.0
+    assert snr_db(ref, got) >= 60.0
     # Windows: the prompt (no steps), then 50-frame windows keeping 20 frames of context.
     assert pipe.last_stats["steps"] == (50 - 20 + 3) + (30 - 20 + 3)
 
@@ -174,8 +143,8 @@ def test_frame_stream_codes_equal_generate_codes(mlx_folder):
     """The codes behind the stream, window by window and with an audio prompt, equal generate's."""
     from runtime.streaming import FrameStream
 
-    pipe = _pipe(mlx_folder("mono"), window_s=1.0)
-    prompt = _prompt_audio(0.5)
+    pipe = cached_pipe(mlx_folder("mono"), window_s=1.0)
+    prompt = prompt_audio(0.5)
     _a, _sr, ref_codes = pipe.generate(PROMPT, 2.3, seed=9, extend_stride=0.6, audio_prompt=prompt,
                                        return_codes=True)
     fs = FrameStream(pipe, [PROMPT], 115, sampling=pipe.sampling_config(), seed=9, chroma=None,
@@ -190,16 +159,16 @@ def test_frame_stream_codes_equal_generate_codes(mlx_folder):
 
 
 def test_batch_stream(mlx_folder):
-    pipe = _pipe(mlx_folder("mono"))
+    pipe = cached_pipe(mlx_folder("mono"))
     prompts = [PROMPT, "80s pop with synths"]
     ref, _sr = pipe.generate(prompts, 1.0, seed=2)
     chunks, _ = _collect(pipe, prompts, 1.0, chunk_seconds=0.3, seed=2)
     _check_chunk_sizes(pipe, chunks, 0.3, batch=2)
-    assert _snr_db(ref, np.concatenate(chunks, axis=-1)) >= 60.0
+    assert snr_db(ref, np.concatenate(chunks, axis=-1)) >= 60.0
 
 
 def test_progressive_wav_readable_after_every_chunk(mlx_folder, tmp_path):
-    pipe = _pipe(mlx_folder("stereo"))
+    pipe = cached_pipe(mlx_folder("stereo"))
     path = tmp_path / "stream.wav"
     written = []
     with ProgressiveWavWriter(path, pipe.sample_rate, pipe.audio_channels, subtype="FLOAT") as writer:
@@ -212,18 +181,18 @@ def test_progressive_wav_readable_after_every_chunk(mlx_folder, tmp_path):
     assert len(written) == 10
     ref, _sr = pipe.generate(PROMPT, 1.0, seed=4)
     data, _ = sf.read(str(path), dtype="float32", always_2d=True)
-    assert _snr_db(ref[0], data.T) >= 60.0
+    assert snr_db(ref[0], data.T) >= 60.0
 
 
 def test_bad_arguments_fail_at_call_time(mlx_folder):
-    pipe = _pipe(mlx_folder("mono"))
+    pipe = cached_pipe(mlx_folder("mono"))
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="chunk-seconds"):
             pipe.stream(PROMPT, 1.0, chunk_seconds=bad)
     with pytest.raises(ValueError, match="duration"):
-        pipe.stream(PROMPT, 0.5, audio_prompt=_prompt_audio(1.0))
+        pipe.stream(PROMPT, 0.5, audio_prompt=prompt_audio(1.0))
     with pytest.raises(ValueError, match="melody"):
-        pipe.stream(PROMPT, 1.0, melody=_melody())
+        pipe.stream(PROMPT, 1.0, melody=melody_tones(2.5))
     with pytest.raises(ValueError, match="extend-stride"):
         pipe.stream(PROMPT, 6.0, extend_stride=10.0)
 
