@@ -180,7 +180,7 @@ def main() -> None:
     bin_dir, st_dir = build_sources()
     out_root = CACHE / "convert-out"
     py = sys.executable
-    conv = ("from converters.convert import convert_checkpoint, QuantizeOptions as Q; import sys; "
+    conv = ("from mlx_music.converters.convert import convert_checkpoint, QuantizeOptions as Q; import sys; "
             "convert_checkpoint(sys.argv[1], sys.argv[2], dtype='float16', quantize={q}, progress=False)")
     hf = ("import sys, torch, transformers; from safetensors.torch import save_file; "
           "transformers.logging.set_verbosity_error(); "

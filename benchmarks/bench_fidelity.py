@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: T5/EnCodec shapes, hub-folder writer
 
-import runtime  # noqa: E402,F401  (fast BLAS preload must precede the first mlx.core import)
+import mlx_music.runtime  # noqa: E402,F401  (fast BLAS preload must precede the first mlx.core import)
 
 VARIANT = "musicgen-small"
 DECODER = dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -81,9 +81,9 @@ def kernel_check(folder: Path) -> float:
     import mlx.core as mx
     import numpy as np
 
-    from runtime.delay_pattern import apply_pattern
-    from runtime.fidelity import dequantize_model
-    from runtime.loader import load
+    from mlx_music.runtime.delay_pattern import apply_pattern
+    from mlx_music.eval.fidelity import dequantize_model
+    from mlx_music.runtime.loader import load
 
     pipe = load(folder)
     codes = np.random.default_rng(0).integers(0, 2048, size=(1, 4, 6), dtype=np.int32)
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     a = ap.parse_args(argv)
 
-    from converters.convert import QuantizeOptions
-    from converters.convert_all import convert_all, format_summary
-    from runtime.fidelity import DEFAULT_PROMPTS, fidelity_reports
+    from mlx_music.converters.convert import QuantizeOptions
+    from mlx_music.converters.convert_all import convert_all, format_summary
+    from mlx_music.eval.fidelity import DEFAULT_PROMPTS, fidelity_reports
 
     log = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
     tag = f"seed{a.seed}-logit{a.logit_std:g}"

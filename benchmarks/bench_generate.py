@@ -140,7 +140,7 @@ def convert_mode(src: Path, size: str, stereo: bool, mode: str, q_dtype: str) ->
     out = mlx_dir(size, stereo, mode, q_dtype)
     if (out / "conversion.json").exists():
         return out
-    from converters.convert import QuantizeOptions, convert_checkpoint
+    from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
     t0 = time.perf_counter()
     if mode.startswith("q"):
@@ -219,8 +219,8 @@ def worker_hf(folder: Path, mode: str, steps: int, repeats: int, seed: int) -> d
 def worker_mlx(folder: Path, mode: str, steps: int, repeats: int, seed: int, channels: int,
                codebooks: int) -> dict[str, Any]:
     """Our pipeline's token loop (`generate_codes`: text encoding, prefill, sampled steps)."""
-    import runtime  # preloads MKL before mlx.core on Linux CPUs
-    from runtime.blas import blas_info
+    import mlx_music.runtime  # preloads MKL before mlx.core on Linux CPUs
+    from mlx_music.blas import blas_info
 
     import mlx.core as mx
 

@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import runtime  # noqa: E402,F401  (MKL preload on Linux CPUs)
+import mlx_music.runtime  # noqa: E402,F401  (MKL preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from mlx_models.musicgen import MusicGen  # noqa: E402
-from runtime.delay_pattern import build_pattern  # noqa: E402
-from runtime.generate import Conditioning, iter_tokens  # noqa: E402
-from runtime.sampling import SamplingConfig  # noqa: E402
+from mlx_music.models.musicgen import MusicGen  # noqa: E402
+from mlx_music.runtime.delay_pattern import build_pattern  # noqa: E402
+from mlx_music.runtime.generate import Conditioning, iter_tokens  # noqa: E402
+from mlx_music.runtime.sampling import SamplingConfig  # noqa: E402
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 
@@ -95,7 +95,7 @@ def main() -> None:
     out = {"config": Path(a.config).name, "dtype": a.dtype, "device": str(mx.default_device()),
            "env": {n: os.environ[n] for n in os.environ if n.startswith("MLX_")}}
     variants = [("packed", True)] + ([("unpacked", False)] if a.no_pack else [])
-    import mlx_models.musicgen_decoder as dec
+    import mlx_music.models.musicgen_decoder as dec
 
     for name, pack in variants:
         if not pack:  # disable packing for this variant

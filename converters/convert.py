@@ -27,7 +27,7 @@ from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_js
 from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
-from runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.checksums import sha256_file as _sha256
 
 __version__ = "0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from .convert import DTYPES, QuantizeOptions, convert_checkpoint
 from .errors import ConvertError
 from .manifest import load_manifest, variant_names
-from runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.checksums import sha256_file as _sha256
 
 STATUSES = ("converted", "skipped", "failed")
 _DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests import MANIFEST_DIR
+from mlx_music.manifests import MANIFEST_DIR
 
 from .errors import ManifestError
 

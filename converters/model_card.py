@@ -107,7 +107,7 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
     usage = [
         "## Usage", "", "```bash", "pip install mlx-music",
         f'mlx-music generate --model {repo} --prompt "{prompt}" --out x.wav', "```", "",
-        "```python", "from runtime import load", "", f'model = load("{repo}")',
+        "```python", "from mlx_music.runtime import load", "", f'model = load("{repo}")',
         f'audio, sr = model.generate(["{prompt}"], duration=10)', "```",
     ]
 

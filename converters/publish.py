@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from runtime.hub import checkpoint_problems
+from mlx_music.runtime.hub import checkpoint_problems
 
 from .model_card import REPO_PLACEHOLDER
-from runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.checksums import sha256_file as _sha256
 
 # Files an MLX checkpoint may hold besides its weight shards (notes/SPEC.md).
 _META_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",

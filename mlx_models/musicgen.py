@@ -24,11 +24,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_models.musicgen_decoder import DecoderArgs, DecoderCache, MusicgenDecoder
-from mlx_models.t5 import T5Args, T5Encoder
+from mlx_music.models.musicgen_decoder import DecoderArgs, DecoderCache, MusicgenDecoder
+from mlx_music.models.t5 import T5Args, T5Encoder
 
 try:  # written in parallel by another contributor; imported lazily so errors are explicit
-    from mlx_models.encodec import EncodecArgs, EncodecModel
+    from mlx_music.models.encodec import EncodecArgs, EncodecModel
 except ImportError as _err:  # pragma: no cover - only while encodec.py is missing/broken
     EncodecArgs = EncodecModel = None
     _ENCODEC_IMPORT_ERROR: ImportError | None = _err

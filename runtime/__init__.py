@@ -1,19 +1,14 @@
 """mlx-music runtime: load an MLX MusicGen checkpoint and generate audio. Never imports torch.
 
-    from runtime import load, save_audio
+    from mlx_music.runtime import load, save_audio
     model = load("out/musicgen-stereo-small")          # or a hub repo id
-    audio, sr = model.generate(["80s pop with synths"], duration=10.0)
-    save_audio("song.wav", audio[0], sr)
+    result = model.generate(["80s pop with synths"], duration=10.0)
+    save_audio("song.wav", result.audio[0], result.sample_rate)
 """
 
 from __future__ import annotations
 
-# Must run before anything imports mlx.core: MLX's CPU GEMM then binds to MKL when installed.
-from runtime.blas import preload_fast_blas as _preload_fast_blas
-
-_preload_fast_blas()
-
-from runtime.audio_io import save_audio  # noqa: E402
-from runtime.loader import load  # noqa: E402
+from mlx_music.runtime.audio_io import save_audio
+from mlx_music.runtime.loader import load
 
 __all__ = ["load", "save_audio"]

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.sampling import SamplingConfig
+from mlx_music.runtime.sampling import SamplingConfig
 
 ChromaFn = Callable[[int, int], np.ndarray]  # (start_frame, num_frames) -> (B, Tc, 12)
 

@@ -15,9 +15,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_models.musicgen import MusicGen
-from runtime.delay_pattern import first_free_position
-from runtime.sampling import SamplingConfig, apply_cfg, select_tokens
+from mlx_music.models.musicgen import MusicGen
+from mlx_music.runtime.delay_pattern import first_free_position
+from mlx_music.runtime.sampling import SamplingConfig, apply_cfg, select_tokens
 
 
 @dataclass

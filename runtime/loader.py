@@ -8,9 +8,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_models.musicgen import MusicGen
-from runtime.hub import resolve_model_path
-from runtime.checksums import sha256_file as _sha256
+from mlx_music.models.musicgen import MusicGen
+from mlx_music.runtime.hub import resolve_model_path
+from mlx_music.runtime.checksums import sha256_file as _sha256
 
 
 class CheckpointError(ValueError):
@@ -84,8 +84,8 @@ def load_model(folder: Path, verify: bool = False) -> tuple[MusicGen, dict]:
 
 def load(path_or_repo_id: str | Path, revision: str | None = None, verify: bool = False):
     """Load a checkpoint: a local MLX folder or a hub repo id (resolved through the HF cache)."""
-    from runtime.pipeline import MusicGenPipeline
-    from runtime.text import TextTokenizer
+    from mlx_music.runtime.pipeline import MusicGenPipeline
+    from mlx_music.runtime.text import TextTokenizer
 
     folder = resolve_model_path(str(path_or_repo_id), revision=revision)
     model, config = load_model(Path(folder), verify=verify)

@@ -10,11 +10,11 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_models.musicgen import MusicGen
-from runtime.delay_pattern import build_pattern, revert_pattern
-from runtime.generate import Conditioning, generate_tokens
-from runtime.sampling import SamplingConfig
-from runtime.text import TextTokenizer
+from mlx_music.models.musicgen import MusicGen
+from mlx_music.runtime.delay_pattern import build_pattern, revert_pattern
+from mlx_music.runtime.generate import Conditioning, generate_tokens
+from mlx_music.runtime.sampling import SamplingConfig
+from mlx_music.runtime.text import TextTokenizer
 
 AudioInput = Any  # a path, or a (waveform, sample_rate) tuple
 
@@ -107,8 +107,8 @@ class MusicGenPipeline:
         Resampled with the chroma module's sinc resampler (the reference extractor's), not soxr:
         a different resampler moves energy between FFT bins and can flip near-tie chroma frames.
         """
-        from runtime.audio_io import load_audio_input, read_audio
-        from runtime.chroma import sinc_resample
+        from mlx_music.runtime.audio_io import load_audio_input, read_audio
+        from mlx_music.runtime.chroma import sinc_resample
 
         if not self.is_melody:
             raise ValueError("--melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
@@ -136,7 +136,7 @@ class MusicGenPipeline:
         The slice wraps around a melody shorter than the output, as audiocraft does for long
         generations; a batch is padded to its longest clip, as the reference extractor does.
         """
-        from runtime.chroma import ChromaExtractor
+        from mlx_music.runtime.chroma import ChromaExtractor
 
         mcfg = self.config["melody"]
         extractor = ChromaExtractor(sampling_rate=mcfg["sampling_rate"], n_fft=mcfg["n_fft"],
@@ -162,7 +162,7 @@ class MusicGenPipeline:
 
     def encode_audio(self, audio: AudioInput) -> np.ndarray:
         """An audio prompt → (1, K, F) codes (stereo: channels encoded separately, interleaved)."""
-        from runtime.audio_io import load_audio_input
+        from mlx_music.runtime.audio_io import load_audio_input
 
         # Continuing silence is almost surely a wrong file: refuse it like a silent melody.
         wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels, require_signal=True)  # (C, S)
@@ -207,7 +207,7 @@ class MusicGenPipeline:
         With `audio_prompt`, the output starts with the prompt and continues it; durations longer
         than one 30 s window are generated with a sliding window (`extend_stride` seconds).
         """
-        from runtime.extend import generate_long
+        from mlx_music.runtime.extend import generate_long
 
         prompts = normalize_prompts(prompts)
         sampling = self.sampling_config(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
@@ -238,7 +238,7 @@ class MusicGenPipeline:
         final: [channels, samples] for one prompt given as a string, [B, channels, samples] for a
         list. Their concatenation equals `generate`'s audio for the same seed. Bad arguments raise
         here, before the first chunk. See runtime/streaming.py for chunk sizes and latency."""
-        from runtime.streaming import stream_audio
+        from mlx_music.runtime.streaming import stream_audio
 
         chunks = stream_audio(self, prompts, duration, chunk_seconds=chunk_seconds, guidance_scale=guidance_scale,
                             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,

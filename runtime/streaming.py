@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from runtime.delay_pattern import build_pattern, codebook_delays, first_free_position
-from runtime.generate import iter_tokens
-from runtime.sampling import SamplingConfig
-from runtime.pipeline import normalize_prompts
+from mlx_music.runtime.delay_pattern import build_pattern, codebook_delays, first_free_position
+from mlx_music.runtime.generate import iter_tokens
+from mlx_music.runtime.sampling import SamplingConfig
+from mlx_music.runtime.pipeline import normalize_prompts
 
 if TYPE_CHECKING:  # the pipeline imports this module lazily; avoid a cycle at import time
-    from runtime.pipeline import AudioInput, MusicGenPipeline
+    from mlx_music.runtime.pipeline import AudioInput, MusicGenPipeline
 
 ChromaArg = np.ndarray | Callable[[int, int], np.ndarray] | None
 StepCallback = Callable[[int, int], None]  # (steps done, total steps) over all windows

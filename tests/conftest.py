@@ -46,7 +46,7 @@ def hf_folder(tmp_path_factory, hf_models):
 @pytest.fixture(scope="session")
 def mlx_folder(tmp_path_factory, hf_folder):
     """(arch, layout='single', dtype='float32') -> converted MLX folder (cached)."""
-    from converters.convert import convert_checkpoint
+    from mlx_music.converters.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("mlx")
     cache: dict = {}

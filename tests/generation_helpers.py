@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import load
+from mlx_music.runtime import load
 
 _PIPES: dict = {}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runtime.audio_io import (
+from mlx_music.runtime.audio_io import (
     AudioInputError,
     ProgressiveWavWriter,
     load_audio_input,
@@ -244,7 +244,7 @@ def test_progressive_writer_rejects_bad_chunks(tmp_path):
 
 def test_runtime_modules_do_not_import_torch():
     code = (
-        "import sys, runtime.audio_io, runtime.chroma; "
+        "import sys, mlx_music.runtime.audio_io, mlx_music.runtime.chroma; "
         "bad = [m for m in ('torch', 'transformers', 'torchaudio') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -26,7 +26,7 @@ sys.path.insert(0, {root!r})
 mode, out = sys.argv[1], sys.argv[2]
 if mode == "late":
     import mlx.core  # noqa: F401  (imported before runtime on purpose: the preload must refuse)
-from runtime import blas
+from mlx_music import blas
 loaded = blas.preload_fast_blas()  # idempotent: returns what `import runtime` already did
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,7 +65,7 @@ def _run(mode: str, tmp_path: Path) -> tuple[dict, dict]:
 
 def _mkl_available() -> bool:
     sys.path.insert(0, str(ROOT))
-    from runtime.blas import find_mkl_rt
+    from mlx_music.blas import find_mkl_rt
 
     return sys.platform.startswith("linux") and find_mkl_rt() is not None
 
@@ -110,5 +110,5 @@ def test_refuses_after_mlx_import(tmp_path):
 
 
 def test_runtime_does_not_import_torch():
-    src = (ROOT / "runtime" / "blas.py").read_text()
+    src = (ROOT / "mlx_music" / "blas.py").read_text()
     assert "import torch" not in src and "import transformers" not in src

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from runtime.chroma import ChromaExtractor, chroma_filter_bank, sinc_resample  # noqa: E402
+from mlx_music.runtime.chroma import ChromaExtractor, chroma_filter_bank, sinc_resample  # noqa: E402
 from tests.torchaudio_shim import install  # noqa: E402
 from tests.torchaudio_shim import resample as shim_resample  # noqa: E402
 

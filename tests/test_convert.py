@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from converters.convert import QuantizeOptions, convert_checkpoint
-from converters.errors import CompletenessError, ManifestError, OutputError, SourceError
-from converters.manifest import detect_variant, load_manifest, variant_names
-from converters.mlx_config import expected_shapes
+from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
+from mlx_music.converters.errors import CompletenessError, ManifestError, OutputError, SourceError
+from mlx_music.converters.manifest import detect_variant, load_manifest, variant_names
+from mlx_music.converters.mlx_config import expected_shapes
 
 import tiny_models
 
@@ -299,7 +299,7 @@ def test_quantized_conversion_records_policy(hf_folder, tmp_path):
     w = load_mlx_weights(tmp_path / "o")
     assert w["decoder.layers.0.fc1.weight"].dtype == np.uint32
     assert w["decoder.layers.0.fc1.scales"].shape == (128, 1)
-    from converters.inspect import inspect_folder
+    from mlx_music.converters.inspect import inspect_folder
 
     info = inspect_folder(tmp_path / "o")
     assert info["dtypes"]["U32"] == len(q["modules"]) and not any(info["manifest_diff"].values())
@@ -311,7 +311,7 @@ def test_quantized_conversion_records_policy(hf_folder, tmp_path):
 def test_cli_convert_and_inspect(hf_folder, tmp_path):
     from click.testing import CliRunner
 
-    from runtime.cli import main
+    from mlx_music.cli import main
 
     r = CliRunner().invoke(main, ["convert", "--hf-path", str(hf_folder("stereo-melody", "bin-sharded")),
                                   "--mlx-path", str(tmp_path / "o"), "--quiet"])
@@ -331,7 +331,7 @@ def test_cli_convert_and_inspect(hf_folder, tmp_path):
 def test_convert_help_documents_every_option():
     from click.testing import CliRunner
 
-    from runtime.cli import convert, main
+    from mlx_music.cli import convert, main
 
     text = CliRunner().invoke(main, ["convert", "--help"]).output
     for p in convert.params:
@@ -347,8 +347,8 @@ def test_runtime_never_imports_torch(tmp_path):
         "        if name.split('.')[0] in ('torch', 'transformers'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import pkgutil, importlib, runtime, mlx_models\n"
-        "for pkg in (runtime, mlx_models):\n"
+        "import pkgutil, importlib, mlx_music.runtime as runtime, mlx_music.models as models\n"
+        "for pkg in (runtime, models):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
@@ -365,7 +365,7 @@ def test_expected_shapes_agree_with_mlx_model(arch, mlx_folder):
     descriptions of the architecture; they must agree exactly."""
     from mlx.utils import tree_flatten
 
-    from mlx_models.musicgen import MusicGen
+    from mlx_music.models.musicgen import MusicGen
 
     cfg = json.loads((mlx_folder(arch) / "config.json").read_text())
     params = {k: tuple(v.shape) for k, v in tree_flatten(MusicGen.from_config(cfg).parameters())}
@@ -382,13 +382,13 @@ def test_convert_from_hub_cache_offline(hf_folder, tmp_path):
     write_cache_repo(tmp_path / "cache", "acme/tiny-stereo", {commit: files}, {"main": commit})
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_ENDPOINT": "http://127.0.0.1:9"}
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", "convert", "--hf-path", "acme/tiny-stereo",
+    r = subprocess.run([sys.executable, "-m", "mlx_music.cli", "convert", "--hf-path", "acme/tiny-stereo",
                         "--mlx-path", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "o/conversion.json").read_text())
     assert record["source"]["repo_id"] == "acme/tiny-stereo" and record["source"]["revision"] == commit
     assert record["source"]["layout"] == "safetensors-sharded"
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", "convert", "--hf-path", "acme/missing",
+    r = subprocess.run([sys.executable, "-m", "mlx_music.cli", "convert", "--hf-path", "acme/missing",
                         "--mlx-path", str(tmp_path / "o2"), "--quiet"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "acme/missing: not in the local Hugging Face cache" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o2").exists()

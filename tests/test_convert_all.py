@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from converters import convert_all as ca
-from converters.convert import QuantizeOptions
-from converters.errors import ManifestError
+from mlx_music.converters import convert_all as ca
+from mlx_music.converters.convert import QuantizeOptions
+from mlx_music.converters.errors import ManifestError
 
 MONO, STEREO, BROKEN = "musicgen-small", "musicgen-stereo-small", "musicgen-medium"
 

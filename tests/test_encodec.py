@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_models.encodec import EncodecArgs, EncodecModel, EncodecStreamDecoder
+from mlx_music.models.encodec import EncodecArgs, EncodecModel, EncodecStreamDecoder
 from tests.tiny_models import build_model, write_hub_folder
 
 PREFIX = "audio_encoder."
@@ -37,7 +37,7 @@ def load_converted_encodec(mlx_folder: Path) -> tuple[EncodecModel, dict[str, mx
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers EncodecModel, MLX EncodecModel, converted weights) from one checkpoint."""
-    from converters.convert import convert_checkpoint
+    from mlx_music.converters.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("encodec")
     hf = build_model("mono")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_models.musicgen import MusicGen
+from mlx_music.models.musicgen import MusicGen
 from generation_helpers import cached_pipe, melody_tones, prompt_audio, snr_db
-from runtime.extend import generate_long
+from mlx_music.runtime.extend import generate_long
 
 PROMPT = "calm piano"
 HOP = 640
@@ -175,7 +175,7 @@ def test_generate_long_asks_for_each_windows_melody_slice(mlx_folder):
 def test_generate_conditions_each_window_on_its_melody_slice(mlx_folder, monkeypatch):
     """Window w (global frames [start, start + n)) gets the chroma of melody samples
     [start * 640, (start + n) * 640), wrapping around a melody shorter than the output."""
-    from runtime.chroma import ChromaExtractor
+    from mlx_music.runtime.chroma import ChromaExtractor
 
     pipe = cached_pipe(mlx_folder("stereo-melody"), window_s=1.0)
     melody = melody_tones(1.5)  # shorter than the 2.3 s output: the last window wraps around

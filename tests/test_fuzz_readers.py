@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.errors import ConvertError
-from converters.shard_reader import CheckpointReader
+from mlx_music.converters.errors import ConvertError
+from mlx_music.converters.shard_reader import CheckpointReader
 
 N_SAFETENSORS = 300
 N_INDEX = 60

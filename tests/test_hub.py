@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from runtime.hub import (IncompleteCheckpointError, ModelNotFoundError, checkpoint_problems,
+from mlx_music.runtime.hub import (IncompleteCheckpointError, ModelNotFoundError, checkpoint_problems,
                          resolve_model_path)
 
 COMMIT_A = "a" * 8 + hashlib.sha1(b"A").hexdigest()[8:]

@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from converters.convert import convert_checkpoint  # noqa: E402
-from mlx_models.musicgen import MusicGen  # noqa: E402
+from mlx_music.converters.convert import convert_checkpoint  # noqa: E402
+from mlx_music.models.musicgen import MusicGen  # noqa: E402
 from tests.tiny_models import build_model, write_hub_folder  # noqa: E402
 
 ATOL = 1e-4

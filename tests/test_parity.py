@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from converters.parity import (  # noqa: E402
+from mlx_music.eval.parity import (  # noqa: E402
     ModelMismatchError,
     ParityError,
     ParityReport,
@@ -28,7 +28,7 @@ from converters.parity import (  # noqa: E402
     melody_test_signal,
     run_parity,
 )
-from runtime import load  # noqa: E402
+from mlx_music.runtime import load  # noqa: E402
 from tiny_models import LAYOUTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,8 +191,8 @@ def test_backends_after_runtime_imported_first() -> None:
     reruns with MKL single-threaded, which is checked here to repair both; the last assertion
     documents the bug itself.
     """
-    code = ("import json, runtime, torch\n"
-            "from converters.parity import backend_self_check, _set_mkl_threads\n"
+    code = ("import json, mlx_music.runtime, torch\n"
+            "from mlx_music.eval.parity import backend_self_check, _set_mkl_threads\n"
             "before = backend_self_check()\n"
             "prev = _set_mkl_threads(1)\n"
             "after = backend_self_check()\n"

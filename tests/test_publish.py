@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from converters.model_card import REPO_PLACEHOLDER, render_model_card
-from converters.publish import PublishError, find_token, publish, validate_folder, validate_repo_id
+from mlx_music.converters.model_card import REPO_PLACEHOLDER, render_model_card
+from mlx_music.converters.publish import PublishError, find_token, publish, validate_folder, validate_repo_id
 from tests.test_hub import fake_checkpoint_files, write_folder
 
 TOKEN = "hf_testtoken0123456789"
@@ -432,7 +432,7 @@ def test_publish_then_resolve_online(ckpt, fake_hub, tmp_path, monkeypatch):
     same resolves offline from that cache."""
     from huggingface_hub import constants
 
-    from runtime.hub import resolve_model_path
+    from mlx_music.runtime.hub import resolve_model_path
 
     publish(ckpt, "me/tiny-mlx", token=TOKEN, endpoint=fake_hub.url, log=None)
     # Only HF_ENDPOINT (set by the fixture after huggingface_hub was imported) points at the stand-in.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tiny_models
-from converters.convert import QuantizeOptions, convert_checkpoint
+from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
 QUANT: dict[str, QuantizeOptions] = {
     "q8-g32": QuantizeOptions(8, 32),
@@ -61,7 +61,7 @@ def _module(model: nn.Module, path: str) -> nn.Module:
 @pytest.mark.parametrize("arch", ["mono", "stereo"])
 @pytest.mark.parametrize("name", list(QUANT))
 def test_quantized_loads_and_generates(q_folder, arch: str, name: str) -> None:
-    from runtime import load
+    from mlx_music.runtime import load
 
     folder = q_folder(arch, name)
     opts = QUANT[name]
@@ -106,7 +106,7 @@ def test_fidelity_mono(q_folder) -> None:
     above chance (1/2048) and to orderings that must hold for any model: more bits / smaller groups
     / the mixed recipe are closer to fp32, in KL and in top-1.
     """
-    from runtime.fidelity import fidelity_reports
+    from mlx_music.eval.fidelity import fidelity_reports
 
     names = ["fp16", *QUANT]
     reps = dict(zip(names, fidelity_reports([q_folder("mono", n) for n in names], q_folder("mono", "fp32"))))
@@ -133,7 +133,7 @@ def test_fidelity_mono(q_folder) -> None:
 
 
 def test_fidelity_stereo_and_guidance(q_folder) -> None:
-    from runtime.fidelity import fidelity_reports
+    from mlx_music.eval.fidelity import fidelity_reports
 
     ref = q_folder("stereo", "fp32")
     prompts = ["80s pop with synths", "calm piano jazz"]
@@ -148,7 +148,7 @@ def test_fidelity_stereo_and_guidance(q_folder) -> None:
 
 
 def test_fidelity_report_api(q_folder, tmp_path: Path) -> None:
-    from runtime.fidelity import fidelity_report
+    from mlx_music.eval.fidelity import fidelity_report
 
     fp32 = q_folder("mono", "fp32")
     same = fidelity_report(fp32, fp32, prompts=["calm piano"], num_sequences=2, length=10)
@@ -180,7 +180,7 @@ def test_fidelity_report_api(q_folder, tmp_path: Path) -> None:
 def _rewrite_without(folder: Path, key: str) -> None:
     """Drop `key` from its shard and the index, and refresh the conversion record, so the only
     thing wrong with the checkpoint is the missing tensor."""
-    from converters.convert import _sha256
+    from mlx_music.converters.convert import _sha256
 
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
@@ -196,8 +196,8 @@ def _rewrite_without(folder: Path, key: str) -> None:
 
 
 def test_missing_scales_names_key(q_folder, tmp_path: Path) -> None:
-    from runtime import load
-    from runtime.loader import CheckpointError
+    from mlx_music.runtime import load
+    from mlx_music.runtime.loader import CheckpointError
 
     broken = tmp_path / "broken"
     shutil.copytree(q_folder("mono", "q4-g64"), broken)
@@ -219,7 +219,7 @@ def test_missing_scales_names_key(q_folder, tmp_path: Path) -> None:
 def test_skipped_modules_listed(mlx_folder, hf_folder, tmp_path: Path) -> None:
     """Shared fixture (decoder width 32): group size 64 does not divide the projections' input
     size, so only fc2 (input 128) is quantized; the rest are listed as skipped and stay float."""
-    from runtime import load
+    from mlx_music.runtime import load
 
     out = tmp_path / "mono-q4-g64"
     res = convert_checkpoint(hf_folder("mono"), out, quantize=QuantizeOptions(4, 64), progress=False)
@@ -241,7 +241,7 @@ def test_skipped_modules_listed(mlx_folder, hf_folder, tmp_path: Path) -> None:
 
 
 def test_fidelity_module_is_torch_free() -> None:
-    code = ("import sys, runtime.fidelity; "
+    code = ("import sys, mlx_music.eval.fidelity; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.convert import convert_checkpoint
+from mlx_music.converters.convert import convert_checkpoint
 from test_convert import load_mlx_weights
-from converters.errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
+from mlx_music.converters.errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
 MONO_TENSORS = 135  # output tensors of the tiny mono checkpoint (tests/tiny_models.py)
@@ -66,7 +66,7 @@ def cli_env(**overrides: str | None) -> dict[str, str]:
 
 
 def run_cli(args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 180,
-            prefix: Sequence[str] = ("-m", "runtime.cli")) -> CliRun:
+            prefix: Sequence[str] = ("-m", "mlx_music.cli")) -> CliRun:
     """`python -m runtime.cli ARGS` as a real process (the entry point `mlx-music` runs the same main)."""
     argv = (sys.executable, *prefix, *map(str, args))
     r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=dict(env or cli_env()),
@@ -76,7 +76,7 @@ def run_cli(args: Sequence[str], env: Mapping[str, str] | None = None, timeout: 
 
 def command_options(command: str) -> set[str]:
     """Every --long option the click command accepts (to catch messages naming options that don't exist)."""
-    from runtime.cli import main
+    from mlx_music.cli import main
 
     cmd = main.commands[command]
     return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {"--help"}
@@ -424,7 +424,7 @@ def test_nonfinite_weights_convert_with_allow_nonfinite(hf_folder, tmp_path):
 # exactly there; the only change is a wrapper around functions the converter already exposes.
 _STOPPER = r"""
 import os, signal, sys
-import converters.convert as cc
+import mlx_music.converters.convert as cc
 
 point = os.environ["RELIABILITY_STOP_AT"]
 
@@ -466,7 +466,7 @@ elif point == "between-renames":
 else:
     raise SystemExit("unknown stop point " + point)
 
-from runtime.cli import main
+from mlx_music.cli import main
 main()
 """
 
@@ -476,7 +476,7 @@ _FSIZE = r"""
 import os, resource, sys
 limit = int(os.environ["RELIABILITY_FSIZE"])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-os.execv(sys.executable, [sys.executable, "-m", "runtime.cli", *sys.argv[1:]])
+os.execv(sys.executable, [sys.executable, "-m", "mlx_music.cli", *sys.argv[1:]])
 """
 
 
@@ -507,7 +507,7 @@ def run_stopped_then_killed(args: Sequence[str], point: str, timeout: float = 18
 def run_killed_when(args: Sequence[str], partial_glob: str, count: int, parent: Path,
                     timeout: float = 180) -> CliRun:
     """Real CLI process, SIGKILLed as soon as its temp folder holds `count` files matching the glob."""
-    argv = (sys.executable, "-m", "runtime.cli", *map(str, args))
+    argv = (sys.executable, "-m", "mlx_music.cli", *map(str, args))
     p = subprocess.Popen(argv, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while p.poll() is None and time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runtime.audio_io import AudioInputError
+from mlx_music.runtime.audio_io import AudioInputError
 from tests.test_reliability_convert import (CliRun, assert_api_error, assert_cli_error, prefetch, run_cli,
                                             selected_params)
 
@@ -174,7 +174,7 @@ API_CASES = [
 
 @pytest.fixture(scope="module")
 def pipes(models) -> dict[str, object]:
-    from runtime import load
+    from mlx_music.runtime import load
 
     return {name: load(path) for name, path in models.items()}
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import load
-from runtime.hub import IncompleteCheckpointError, ModelNotFoundError
-from runtime.loader import CheckpointError
+from mlx_music.runtime import load
+from mlx_music.runtime.hub import IncompleteCheckpointError, ModelNotFoundError
+from mlx_music.runtime.loader import CheckpointError
 from tests.test_reliability_convert import (CliRun, assert_api_error, assert_cli_error, copy_tree, prefetch,
                                             run_cli, selected_params)
 
@@ -128,7 +128,7 @@ LOAD_CASES = [
 @pytest.fixture(scope="module")
 def sources(mlx_folder, hf_folder, tmp_path_factory) -> dict[bool, Path]:
     """quantized? -> a good MLX checkpoint to copy (fp32 from the shared fixture; a 4-bit one here)."""
-    from converters.convert import QuantizeOptions, convert_checkpoint
+    from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
     q = tmp_path_factory.mktemp("reliability-loader") / "mono-q4"
     convert_checkpoint(hf_folder("mono"), q, quantize=QuantizeOptions(4, 32), progress=False)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from runtime import load
-from runtime.delay_pattern import apply_pattern, build_pattern, codebook_delays, revert_pattern
-from runtime.sampling import SamplingConfig, select_tokens, top_k_filter, top_p_filter
+from mlx_music.runtime import load
+from mlx_music.runtime.delay_pattern import apply_pattern, build_pattern, codebook_delays, revert_pattern
+from mlx_music.runtime.sampling import SamplingConfig, select_tokens, top_k_filter, top_p_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,7 @@ def test_embedded_checkpoint_end_to_end(tmp_path):
     """The README's main commands: convert the shipped tiny stereo checkpoint, generate, parity."""
     env = {**__import__("os").environ, "MLX_MUSIC_DEBUG": ""}
     out = tmp_path / "tiny-stereo"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "runtime.cli", *a], capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mlx_music.cli", *a], capture_output=True,  # noqa: E731
                                     text=True, cwd=ROOT, env=env)
     r = run("convert", "--hf-path", "tests/data/tiny-musicgen-stereo", "--mlx-path", str(out), "--quiet")
     assert r.returncode == 0, r.stderr

@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 
 from generation_helpers import cached_pipe, melody_tones, prompt_audio, snr_db
-from runtime.audio_io import ProgressiveWavWriter
-from runtime.delay_pattern import codebook_delays
-from runtime.streaming import plan_windows
+from mlx_music.runtime.audio_io import ProgressiveWavWriter
+from mlx_music.runtime.delay_pattern import codebook_delays
+from mlx_music.runtime.streaming import plan_windows
 
 PROMPT = "calm piano"
 
@@ -141,7 +141,7 @@ def test_prompt_longer_than_window_streams_then_continues(mlx_folder):
 
 def test_frame_stream_codes_equal_generate_codes(mlx_folder):
     """The codes behind the stream, window by window and with an audio prompt, equal generate's."""
-    from runtime.streaming import FrameStream
+    from mlx_music.runtime.streaming import FrameStream
 
     pipe = cached_pipe(mlx_folder("mono"), window_s=1.0)
     prompt = prompt_audio(0.5)

@@ -14,7 +14,7 @@ import pytest
 spm = pytest.importorskip("sentencepiece")
 from tokenizers import Tokenizer  # noqa: E402
 
-from converters.tokenizer_export import load_spiece_proto, spiece_to_tokenizer_json, t5_tokenizer_config  # noqa: E402
+from mlx_music.converters.tokenizer_export import load_spiece_proto, spiece_to_tokenizer_json, t5_tokenizer_config  # noqa: E402
 
 WORDS = ("jazz piano drums bass guitar ambient lofi chill beat upbeat electronic rock metal violin "
          "orchestral cinematic epic synth pop hip hop house techno trance funky groovy mellow happy "
@@ -136,8 +136,8 @@ def test_converter_writes_tokenizer_from_spiece_only(spm_model, hf_models, tmp_p
 
     sys.path.insert(0, str(Path(__file__).parent))
     import tiny_models
-    from converters.convert import convert_checkpoint
-    from runtime.text import TextTokenizer
+    from mlx_music.converters.convert import convert_checkpoint
+    from mlx_music.runtime.text import TextTokenizer
 
     src = tiny_models.write_hub_folder(hf_models("mono"), tmp_path / "src")
     (src / "tokenizer.json").unlink()

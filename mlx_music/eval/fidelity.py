@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from runtime.delay_pattern import apply_pattern, build_pattern
+from mlx_music.runtime.delay_pattern import apply_pattern, build_pattern
 
 # Fixed prompts: a spread of genres, and every word is in the tiny test tokenizer's vocabulary
 # too, so the numbers measured on fixtures and on real checkpoints use the same text.
@@ -143,7 +143,7 @@ def _is_hf_folder(path: Path) -> bool:
 def _convert_reference(source: str, tmp: Path) -> Path:
     """Convert a Hugging Face checkpoint (folder or repo id) to fp32 MLX under `tmp`."""
     try:
-        from converters.convert import convert_checkpoint  # needs torch only for .bin sources
+        from mlx_music.converters.convert import convert_checkpoint  # needs torch only for .bin sources
     except ImportError as e:  # pragma: no cover - converter extras missing
         raise ValueError(f"--reference {source}: a transformers reference needs the converter "
                          f"extras (pip install 'mlx-music[convert]'): {e}") from None
@@ -154,8 +154,8 @@ def _convert_reference(source: str, tmp: Path) -> Path:
 
 def _load(path: str | Path, tmp: Path | None = None):
     """runtime.load, converting a transformers reference first when `tmp` is given."""
-    from runtime.hub import IncompleteCheckpointError
-    from runtime.loader import load
+    from mlx_music.runtime.hub import IncompleteCheckpointError
+    from mlx_music.runtime.loader import load
 
     p = Path(path).expanduser()
     if tmp is not None and _is_hf_folder(p):

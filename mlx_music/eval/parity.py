@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from converters.errors import ConvertError
+from mlx_music.converters.errors import ConvertError
 
 __all__ = [
     "ModelMismatchError",
@@ -249,7 +249,7 @@ def _check_hf_path(hf_path: str) -> str:
 
 
 def _mlx_folder(mlx_path: str) -> Path:
-    from runtime.hub import resolve_model_path
+    from mlx_music.runtime.hub import resolve_model_path
 
     p = Path(mlx_path).expanduser()
     if not p.exists() and not _looks_like_repo_id(str(mlx_path)):
@@ -461,7 +461,7 @@ def _reference_chroma(fe, torchaudio_mod, wav: np.ndarray, sr: int) -> tuple[np.
 
 def _as_waveform(x: Any, what: str) -> tuple[np.ndarray, int]:
     """A path or (waveform, sr) → (float32 [S] or [C, S], sr) without resampling."""
-    from runtime.audio_io import load_audio_input, read_audio
+    from mlx_music.runtime.audio_io import load_audio_input, read_audio
 
     if isinstance(x, (str, os.PathLike)):
         wav, sr = read_audio(x)
@@ -510,7 +510,7 @@ def backend_self_check(seed: int = 1234) -> float:
 def _set_mkl_threads(n: int) -> int | None:
     """Set MKL's thread count if runtime/blas.py preloaded MKL; returns the previous count."""
     try:
-        from runtime import blas
+        from mlx_music import blas
     except ImportError:
         return None
     lib = getattr(blas, "_mkl_handle", None)
@@ -594,7 +594,7 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
         raise ParityError("prompts: give at least one non-empty prompt")
     is_melody = mlx_cfg["model_type"] == "musicgen_melody"
 
-    from runtime import load
+    from mlx_music.runtime import load
 
     hf = _load_reference(hf_ref, is_melody)
     pipe = load(str(folder))
@@ -673,7 +673,7 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     # -- audio prompt continuation -------------------------------------------------------
     if audio_prompt is not None:
         with rows.guard("continuation tokens", 0):
-            from runtime.audio_io import load_audio_input
+            from mlx_music.runtime.audio_io import load_audio_input
 
             # One waveform at 32 kHz for both sides: this checks the model, not resamplers
             # (transformers takes audio prompts only at the codec rate).
@@ -706,7 +706,7 @@ def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, promp
                  melody: Any, steps: int, frames: int, channels: int, hop: int) -> None:
     import torch
 
-    from runtime.chroma import ChromaExtractor
+    from mlx_music.runtime.chroma import ChromaExtractor
 
     b = len(prompts)
     if melody is None:

@@ -17,7 +17,7 @@ import click
 def _user_errors() -> tuple[type[BaseException], ...]:
     errs: list[type[BaseException]] = [ValueError, FileNotFoundError]
     try:
-        from converters.errors import ConvertError
+        from mlx_music.converters.errors import ConvertError
 
         errs.append(ConvertError)
     except ImportError:  # pragma: no cover
@@ -81,7 +81,7 @@ def main() -> None:
 def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q_recipe, max_shard_size,
             revision, force, allow_nonfinite, workers, upload_repo, quiet):
     """Convert a Hugging Face MusicGen checkpoint into an MLX checkpoint folder."""
-    from converters.convert import QuantizeOptions, convert_checkpoint
+    from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
     if q_recipe and not quantize:
         raise click.UsageError("--q-recipe needs -q/--quantize")
@@ -96,7 +96,7 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
         for s in res.skipped:
             click.echo(f"  skipped {s}")
     if upload_repo:
-        from converters.publish import publish
+        from mlx_music.converters.publish import publish
 
         publish(res.path, upload_repo)
         click.echo(f"published to {upload_repo}")
@@ -123,8 +123,8 @@ def convert_all_cmd(out_dir, variants, hf_root, dtype, quantize, q_bits, q_group
     """Convert every manifest (or --variant list); complete, verified outputs are skipped (resumable)."""
     from dataclasses import asdict
 
-    from converters.convert import QuantizeOptions
-    from converters.convert_all import convert_all, format_summary
+    from mlx_music.converters.convert import QuantizeOptions
+    from mlx_music.converters.convert_all import convert_all, format_summary
 
     qopts = QuantizeOptions(int(q_bits), int(q_group_size), q_recipe) if quantize else None
     rows = convert_all(out_dir, variants=list(variants) or None, hf_root=hf_root, dtype=dtype, quantize=qopts,
@@ -144,7 +144,7 @@ def convert_all_cmd(out_dir, variants, hf_root, dtype, quantize, q_bits, q_group
 @friendly_errors
 def inspect(path, as_json):
     """Describe an HF or MLX checkpoint folder: format, variant, tensors, dtypes, manifest diff."""
-    from converters.inspect import format_report, inspect_folder
+    from mlx_music.converters.inspect import format_report, inspect_folder
 
     info = inspect_folder(path)
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
@@ -155,7 +155,7 @@ def _output_paths(out: str, n: int) -> list[str]:
     """One file per prompt: song.wav, or song-0.wav, song-1.wav, ... for several prompts."""
     from pathlib import Path
 
-    from runtime.audio_io import SUPPORTED_OUTPUT_EXTENSIONS, _check_output_path
+    from mlx_music.runtime.audio_io import SUPPORTED_OUTPUT_EXTENSIONS, _check_output_path
 
     p = Path(out)
     _check_output_path(p, SUPPORTED_OUTPUT_EXTENSIONS)  # fail before spending minutes generating
@@ -194,7 +194,7 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
     import math
     import time
 
-    from runtime import load, save_audio
+    from mlx_music.runtime import load, save_audio
 
     if not math.isfinite(duration) or duration <= 0:
         raise click.BadParameter(f"{duration}: must be a positive number of seconds", param_hint="--duration")
@@ -208,7 +208,7 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
     t0 = time.perf_counter()
     pipe = load(model_path, revision=revision, verify=verify)
     if verbose:
-        from runtime.blas import blas_info
+        from mlx_music.blas import blas_info
 
         click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.1f} s; BLAS: {blas_info()['blas']}", err=True)
     kwargs = dict(guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
@@ -216,7 +216,7 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
                   progress=not quiet)
     pipe.compile_step = not no_compile
     if stream:
-        from runtime.audio_io import ProgressiveWavWriter
+        from mlx_music.runtime.audio_io import ProgressiveWavWriter
 
         if not paths[0].lower().endswith(".wav"):
             raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
@@ -274,7 +274,7 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
            melody, steps, min_top1, as_json):
     """Check an MLX checkpoint against transformers (or a quantized one against fp32). Exit 1 on failure."""
     if reference_mlx_path:
-        from runtime.fidelity import fidelity_report
+        from mlx_music.eval.fidelity import fidelity_report
 
         rep = fidelity_report(mlx_path, reference_mlx_path, num_sequences=sequences, length=length, seed=seed,
                               dequantize=dequantize)
@@ -283,7 +283,7 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
         sys.exit(0 if ok else 1)
     if not hf_path:
         raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
-    from converters.parity import run_parity
+    from mlx_music.eval.parity import run_parity
 
     rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody, audio_prompt=continue_from, seed=seed)
     click.echo(rep.to_json() if as_json else rep.format_table())
@@ -301,7 +301,7 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
 @friendly_errors
 def publish(folder, repo, private, dry_run, revision, message, token):
     """Upload a converted MLX checkpoint folder to the Hugging Face hub."""
-    from converters.publish import publish as do_publish
+    from mlx_music.converters.publish import publish as do_publish
 
     files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message,
                        token=token, log=click.echo)  # publish() lists each file with its size
@@ -316,10 +316,10 @@ def doctor():
     """Show versions, the MLX device and which BLAS MLX's CPU kernels use."""
     import platform
 
-    import runtime  # noqa: F401  # preloads the fast BLAS before mlx.core
+    import mlx_music.runtime  # noqa: F401  # preloads the fast BLAS before mlx.core
     import mlx.core as mx
 
-    from runtime.blas import blas_info
+    from mlx_music.blas import blas_info
 
     info = blas_info()
     click.echo(f"python   {platform.python_version()} ({platform.platform()})")

@@ -1,0 +1,36 @@
+"""mlx-music: convert MusicGen checkpoints to MLX and generate music with them.
+
+    from mlx_music import load, convert
+    convert("facebook/musicgen-small", "out/musicgen-small")
+    model = load("out/musicgen-small")
+    result = model.generate("80s pop with synths", duration=10.0)
+
+Subpackages, imports pointing down (checked by import-linter, see pyproject.toml):
+``cli`` → ``eval`` / ``converters`` → ``runtime`` → ``models``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Bind MLX's CPU BLAS to MKL (when installed) before any subpackage imports mlx.core. This module
+# only dlopens a library; it imports nothing of MLX, torch or the runtime.
+from mlx_music.blas import preload_fast_blas as _preload_fast_blas
+
+_preload_fast_blas()
+
+__version__ = "0.2.0"
+__all__ = ["load", "convert", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import mlx_music.models` loads neither the runtime nor the converter.
+    if name == "load":
+        from mlx_music.runtime.loader import load
+
+        return load
+    if name == "convert":
+        from mlx_music.converters.convert import convert_checkpoint
+
+        return convert_checkpoint
+    raise AttributeError(f"module 'mlx_music' has no attribute {name!r}")

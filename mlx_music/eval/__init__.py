@@ -1,0 +1,1 @@
+"""Checks of converted checkpoints against references: transformers parity, quantization fidelity."""
