@@ -164,22 +164,37 @@ def _output_paths(out: str, n: int) -> list[str]:
     return [str(p.with_name(f"{p.stem}-{i}{p.suffix}")) for i in range(n)]
 
 
+# API parameter -> the `generate` flag that sets it: the runtime names its parameters, the CLI
+# names its flags (only ones the user set: a default of None is never at fault).
+_FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+          "guidance_scale": "--guidance", "greedy": "--greedy", "extend_stride": "--extend-stride",
+          "melody": "--melody", "audio_prompt": "--continue-from", "seed": "--seed",
+          "chunk_seconds": "--chunk-seconds", "prompts": "--prompt"}
+
+
+def _as_flags(e: ValueError) -> ValueError:
+    import re
+
+    msg = re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], str(e))
+    return ValueError(msg)
+
+
 @main.command()
 @click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (org/name).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Text description; repeat for a batch.")
 @click.option("--duration", type=float, default=10.0, show_default=True,
               help="Seconds of audio (with --continue-from: total length including the prompt).")
 @click.option("--out", required=True, help="Output file (.wav, .flac, .ogg); several prompts add -0, -1, ...")
-@click.option("--seed", type=int, default=None, help="Random seed; same seed, same audio.")
+@click.option("--seed", type=int, default=None, help="Random seed (prompt i uses seed + i); same seed, same audio.")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default from the checkpoint: 3.0).")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (default 1.0).")
 @click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (default 250; 0 disables).")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1] (default off).")
-@click.option("--greedy", is_flag=True, help="Deterministic argmax decoding instead of sampling.")
+@click.option("--greedy", is_flag=True, default=None, help="Deterministic argmax decoding instead of sampling.")
 @click.option("--melody", default=None, type=click.Path(), help="Melody audio file for melody models (any rate, mono or stereo).")
 @click.option("--continue-from", "continue_from", default=None, type=click.Path(), help="Audio file to continue.")
-@click.option("--extend-stride", type=float, default=18.0, show_default=True,
-              help="Seconds each new window advances when generating beyond 30 s.")
+@click.option("--extend-stride", type=float, default=None,
+              help="Seconds each new window advances past one window (default: 0.6 x the window, 18 s of 30 s).")
 @click.option("--stream", is_flag=True, help="Write the WAV progressively while generating; prints time to first audio.")
 @click.option("--chunk-seconds", type=float, default=1.0, show_default=True, help="Chunk size with --stream.")
 @click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
@@ -198,10 +213,11 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 
     if not math.isfinite(duration) or duration <= 0:
         raise click.BadParameter(f"{duration}: must be a positive number of seconds", param_hint="--duration")
-    prompts = [p for p in prompts]
     paths = _output_paths(out, len(prompts))
     if stream and len(prompts) > 1:
         raise click.UsageError("--stream writes one file: give a single --prompt")
+    if stream and not paths[0].lower().endswith(".wav"):
+        raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
     for opt, path in (("--melody", melody), ("--continue-from", continue_from)):
         if path is not None and not os.path.isfile(path):
             raise click.BadParameter(f"{path}: file not found", param_hint=opt)
@@ -211,45 +227,38 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         from mlx_music.blas import blas_info
 
         click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.1f} s; BLAS: {blas_info()['blas']}", err=True)
-    kwargs = dict(guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                  seed=seed, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride,
-                  progress=not quiet)
     pipe.compile_step = not no_compile
+    kwargs = dict(seed=seed, guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p,
+                  greedy=greedy, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride)
+    try:
+        if stream:
+            chunks = pipe.stream(list(prompts), duration, chunk_seconds=chunk_seconds, **kwargs)
+        else:
+            result = pipe.generate(list(prompts), duration, progress=not quiet, **kwargs)
+    except ValueError as e:
+        raise _as_flags(e) from None
     if stream:
         from mlx_music.runtime.audio_io import ProgressiveWavWriter
 
-        if not paths[0].lower().endswith(".wav"):
-            raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
-        if chunk_seconds <= 0:
-            raise click.BadParameter(f"{chunk_seconds}: must be > 0", param_hint="--chunk-seconds")
-        t1 = time.perf_counter()
-        steps = [0, 0]
-        kwargs["progress"] = False  # the time-to-first-audio line replaces the bar
-
-        def on_step(done: int, total: int) -> None:
-            steps[:] = [done, total]
-
-        chunks = pipe.stream(prompts[0], duration, chunk_seconds=chunk_seconds, on_step=on_step, **kwargs)
         writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels)  # after argument checks
-        first = None
         try:
             for chunk in chunks:
-                writer.write(chunk)
-                if first is None:
-                    first = time.perf_counter() - t1
-                    click.echo(f"time to first audio: {first:.2f} s ({steps[0]} of {steps[1]} steps)", err=True)
+                writer.write(chunk.audio[0])
+                st = chunk.stats
+                if chunk.start == 0:
+                    click.echo(f"time to first audio: {st.first_audio_seconds:.2f} s "
+                               f"({st.first_audio_steps} steps)", err=True)
         finally:
             writer.close()
         click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch)")
         return
-    audio, sr = pipe.generate(prompts, duration, **kwargs)
-    if verbose and pipe.last_stats:
-        st = pipe.last_stats
-        click.echo(f"{st['steps']} steps in {st['seconds']:.2f} s: {st['steps_per_s']:.1f} steps/s "
-                   f"({st['steps_per_s'] / pipe.frame_rate:.2f}x real time)", err=True)
-    for path, a in zip(paths, audio):
-        save_audio(path, a, sr)
-        click.echo(f"wrote {path} ({a.shape[-1] / sr:.2f} s, {a.shape[0]} ch, {sr} Hz)")
+    if verbose:
+        st = result.stats
+        click.echo(f"{st.steps} steps in {st.seconds:.2f} s: {st.steps_per_s:.1f} steps/s "
+                   f"({st.steps_per_s / pipe.frame_rate:.2f}x real time)", err=True)
+    for path, a in zip(paths, result.audio):
+        save_audio(path, a, result.sample_rate)
+        click.echo(f"wrote {path} ({a.shape[-1] / result.sample_rate:.2f} s, {a.shape[0]} ch, {result.sample_rate} Hz)")
 
 
 @main.command()

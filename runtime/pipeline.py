@@ -1,32 +1,70 @@
-"""`MusicGenPipeline`: text (+ melody, + audio prompt) → audio, the object `runtime.load` returns."""
+"""`MusicGenPipeline`, what `load` returns: requests in, audio out, through one frame generator.
+
+    result = model.generate(["80s pop", "calm piano"], duration=10.0, seed=0)
+    result.audio[0]            # float32 [channels, samples] of the first prompt
+    for chunk in model.stream("ambient", duration=20.0, chunk_seconds=1.0):
+        chunk.audio[0]         # the next float32 [channels, samples] of that prompt
+
+`generate` and `stream` take the same arguments and share every step up to the codec: `generate`
+drains the `FrameGenerator` and decodes once; `stream` decodes frames as they become final. Both
+decode with the same block decoder, so their samples are identical. Each prompt is a row with its
+own seed (``seed + row``); `generate_batch` / `stream_batch` take `Request` rows with their own
+prompt, duration, seed and settings (what the server and batch jobs use).
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from mlx_music.models.musicgen import MusicGen
-from mlx_music.runtime.delay_pattern import build_pattern, revert_pattern
-from mlx_music.runtime.generate import Conditioning, generate_tokens
-from mlx_music.runtime.sampling import SamplingConfig
+from mlx_music.runtime.audio_io import load_audio_input
+from mlx_music.runtime.codec import Codec
+from mlx_music.runtime.conditioning import AudioInput, Conditioner, melody_waveform
+from mlx_music.runtime.generation import FrameGenerator, Request, Row, resolve_stride
+from mlx_music.runtime.sampling import RowSampling, SamplingConfig
 from mlx_music.runtime.text import TextTokenizer
+from mlx_music.runtime.token_loop import Conditioning, TokenLoop, prefix_length
 
-AudioInput = Any  # a path, or a (waveform, sample_rate) tuple
+
+@dataclass
+class GenerationStats:
+    steps: int = 0  # decoder steps, over all windows
+    seconds: float = 0.0  # wall time from the first step to the last audio
+    first_audio_seconds: float | None = None  # stream: time to the first chunk
+    first_audio_steps: int | None = None  # stream: decoder steps before the first chunk
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.seconds if self.seconds else float("inf")
 
 
-def normalize_prompts(prompts: str | Sequence[str]) -> list[str]:
-    """One prompt or a list of them → a non-empty list of strings (ValueError otherwise)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("prompts: give at least one prompt")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts: every prompt must be a string")
-    return prompts
+@dataclass
+class GenerationResult:
+    """``audio[i]``: float32 [channels, samples] of row i; ``codes[i]``: int32 [K, frames]."""
+
+    audio: list[np.ndarray]
+    codes: list[np.ndarray]
+    sample_rate: int
+    seeds: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class AudioChunk:
+    """The next stretch of audio: ``audio[i]`` is float32 [channels, samples] of row i, empty
+    once row i has ended. ``start`` is the first sample's index in the output."""
+
+    audio: list[np.ndarray]
+    start: int
+    sample_rate: int
+    seeds: list[int]
+    stats: GenerationStats
 
 
 class MusicGenPipeline:
@@ -35,215 +73,258 @@ class MusicGenPipeline:
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
-        self.sample_rate: int = int(config["sample_rate"])
-        self.frame_rate: int = int(config["frame_rate"])
-        self.audio_channels: int = int(config["audio_channels"])
-        self.num_codebooks: int = int(config["num_codebooks"])
-        self.pad_id: int = int(config["decoder"]["pad_token_id"])
-        self.is_melody: bool = config["model_type"] == "musicgen_melody"
-        self.last_stats: dict[str, float] = {}
-        self.compile_step = True  # compile the decoder step (False: eager, for debugging)
+        self.sample_rate = int(config["sample_rate"])
+        self.frame_rate = int(config["frame_rate"])
+        self.audio_channels = int(config["audio_channels"])
+        self.num_codebooks = int(config["num_codebooks"])
+        self.pad_id = int(config["decoder"]["pad_token_id"])
+        self.vocab_size = int(config["decoder"]["vocab_size"])
+        self.is_melody = model.is_melody
+        self.defaults = dict(config.get("generation") or {})
+        self.compile_step = True  # False: eager decoder step, for debugging
+        self.codec = Codec(model.audio_encoder, self.audio_channels)
+        self.conditioner = Conditioner(model, tokenizer, config)
+        self._loops: dict[tuple, TokenLoop] = {}
         if self.is_melody:
-            # Melody models put the text in the decoder's positions: cap it so that prefix + a full
-            # window always fits the position table (a longer prompt is truncated with a warning).
-            delay = self.num_codebooks // self.audio_channels - 1
-            room = (config["decoder"]["max_position_embeddings"] - config["melody"]["chroma_length"]
-                    - (self.max_frames + delay + 1))
+            # The text sits in the decoder's positions: cap it so prefix + a full window fits the
+            # position table (a longer prompt is truncated with a warning).
+            room = config["decoder"]["max_position_embeddings"] - prefix_length(model, 0) \
+                - (self.max_frames + self._max_delay + 1)
             self.tokenizer.max_tokens = max(2, min(self.tokenizer.max_tokens, room))
 
-    # ------------------------------------------------------------------ limits
+    # ---------------------------------------------------------------- limits
+    @property
+    def _max_delay(self) -> int:
+        return self.num_codebooks // self.audio_channels - 1
+
     @property
     def max_frames(self) -> int:
-        """Frames one window may hold: the trained 30 s, and never beyond the position table."""
-        gen = self.config.get("generation", {})
-        by_duration = int(round(float(gen.get("max_duration", 30.0)) * self.frame_rate))
-        delay = self.num_codebooks // self.audio_channels - 1
-        prefix = (self.config["melody"]["chroma_length"] + 64) if self.is_melody else 0
-        by_positions = self.config["decoder"]["max_position_embeddings"] - 1 - delay - prefix
+        """Frames one window holds: the trained duration, never past the position table."""
+        by_duration = round(float(self.defaults.get("max_duration", 30.0)) * self.frame_rate)
+        prefix = prefix_length(self.model, 64)  # melody: chroma + a typical text length
+        by_positions = self.config["decoder"]["max_position_embeddings"] - 1 - self._max_delay - prefix
         return max(1, min(by_duration, by_positions))
 
-    def frames_for(self, duration: float) -> int:
-        if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
-            raise ValueError(f"--duration {duration}: must be a positive number of seconds")
-        return max(1, int(round(duration * self.frame_rate)))
+    @property
+    def window_seconds(self) -> float:
+        return self.max_frames / self.frame_rate
 
-    def sampling_config(self, **overrides: Any) -> SamplingConfig:
-        gen = dict(self.config.get("generation", {}))
-        for k, v in overrides.items():
-            if v is not None:
-                gen[k] = v
-        return SamplingConfig(guidance_scale=float(gen.get("guidance_scale", 3.0)),
-                              temperature=float(gen.get("temperature", 1.0)),
-                              top_k=int(gen.get("top_k", 250)), top_p=float(gen.get("top_p", 0.0)),
-                              do_sample=bool(gen.get("do_sample", True))).validate()
+    # -------------------------------------------------------------- requests
+    def requests(self, prompts: str | Sequence[str], duration: float = 10.0, *, seed: int | None = None,
+                 **settings: Any) -> list[Request]:
+        """Prompts and shared settings → one `Request` per prompt; row i gets ``seed + i``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: give a prompt string or a non-empty list of strings")
+        per_row = {k: settings.pop(k) for k in ("melody",) if isinstance(settings.get(k), list)}
+        if per_row.get("melody") is not None and len(per_row["melody"]) not in (1, len(prompts)):
+            raise ValueError(f"melody: got {len(per_row['melody'])} melodies for {len(prompts)} prompts")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"seed {seed!r}: must be an integer")
+        rows = []
+        for i, p in enumerate(prompts):
+            extra = {k: v[i] if len(v) > 1 else v[0] for k, v in per_row.items()}
+            rows.append(Request(p, duration, None if seed is None else int(seed) + i, **settings, **extra))
+        return rows
 
-    # ------------------------------------------------------------ conditioning
-    def condition(self, prompts: Sequence[str], sampling: SamplingConfig,
-                  chroma: np.ndarray | None = None) -> Conditioning:
-        ids, mask = self.tokenizer(list(prompts))
-        states, m = self.model.encode_text(mx.array(ids), mx.array(mask))
-        chroma_rows = None
-        if self.is_melody:
-            b = len(prompts)
-            null = np.zeros((b, 1, self.model.num_chroma), np.float32)
-            null[..., 0] = 1.0
-            c = null if chroma is None else chroma.astype(np.float32)
-            if c.shape[0] == 1 and b > 1:
-                c = np.repeat(c, b, axis=0)
-            if sampling.uses_cfg:
-                # null melody rows: bin 0 on for every frame (tiling makes length irrelevant)
-                c_null = np.zeros_like(c)
-                c_null[..., 0] = 1.0
-                c = np.concatenate([c, c_null], axis=0)
-            chroma_rows = mx.array(c)
-        if sampling.uses_cfg:
-            states = mx.concatenate([states, mx.zeros_like(states)], axis=0)
-            m = mx.concatenate([m, mx.zeros_like(m)], axis=0)
-        return Conditioning(states, m, chroma_rows)
+    def resolve(self, req: Request) -> Row:
+        """A `Request` checked and prepared: ValueError names the API parameter at fault."""
+        d = req.duration
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            raise ValueError(f"duration {d!r}: must be a positive number of seconds")
+        sampling = SamplingConfig.from_defaults(self.defaults, guidance_scale=req.guidance_scale,
+                                                temperature=req.temperature, top_k=req.top_k,
+                                                top_p=req.top_p, greedy=req.greedy)
+        melody = None
+        if req.melody is not None:
+            if not self.is_melody:
+                raise ValueError("melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
+            melody = melody_waveform(req.melody, int(self.config["melody"]["sampling_rate"]))
+        codes = self.encode_audio(req.audio_prompt) if req.audio_prompt is not None else None
+        seed = int(np.random.randint(0, 2**31 - 1)) if req.seed is None else int(req.seed)
+        return Row(req.prompt, max(1, round(d * self.frame_rate)), seed, sampling, melody, codes)
 
-    def melody_waveforms(self, melody: AudioInput | Sequence[AudioInput], batch: int) -> list[np.ndarray]:
-        """Melody inputs → one mono float64 waveform per prompt at the chroma sample rate.
+    def frames(self, requests: Sequence[Request], extend_stride: float | None = None) -> FrameGenerator:
+        """The frame generator of a batch of requests (see `FrameGenerator`)."""
+        if not requests:
+            raise ValueError("prompts: give at least one prompt")
+        rows = [self.resolve(r) for r in requests]
+        window = self.max_frames
+        longest = max(r.frames for r in rows)
+        stride = resolve_stride(extend_stride, window, self.frame_rate) if longest > window else window
+        return FrameGenerator(self, rows, window, stride)
 
-        Resampled with the chroma module's sinc resampler (the reference extractor's), not soxr:
-        a different resampler moves energy between FFT bins and can flip near-tie chroma frames.
-        """
-        from mlx_music.runtime.audio_io import load_audio_input, read_audio
-        from mlx_music.runtime.chroma import sinc_resample
+    def token_loop(self, rows: int, cond: Conditioning, length: int, rs: RowSampling) -> TokenLoop:
+        """The cached `TokenLoop` for this shape, or a new one (replacing the idle cached ones)."""
+        max_len = length + (prefix_length(self.model, cond.text_states.shape[1]))
+        key = (rows, max_len, rs.static, self.compile_step)
+        loop = self._loops.get(key)
+        if loop is None or not loop.matches(self.model):
+            self.model.decoder.pack_for_decode()
+            loop = TokenLoop(self.model, 2 * rows if rs.cfg else rows, max_len, rs.static, self.compile_step)
+            self._loops = {k: v for k, v in self._loops.items() if v.busy}  # bound memory
+            self._loops[key] = loop
+        return loop
 
-        if not self.is_melody:
-            raise ValueError("--melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
-        target = self.config["melody"]["sampling_rate"]
-        items = list(melody) if isinstance(melody, list) else [melody]
-        wavs = []
-        for item in items:
-            if isinstance(item, tuple):
-                wav = load_audio_input(item, int(item[1]) if len(item) == 2 else target, require_signal=True)
-                sr = int(item[1])
-            else:
-                wav, sr = read_audio(item, require_signal=True)
-            mono = wav.astype(np.float64).mean(axis=0)  # channel mean first, as the reference does
-            wavs.append(sinc_resample(mono, sr, target) if sr != target else mono)
-        if len(wavs) == 1 and batch > 1:
-            wavs = wavs * batch
-        if len(wavs) != batch:
-            raise ValueError(f"--melody: got {len(wavs)} melodies for {batch} prompts")
-        return wavs
-
-    def melody_chroma(self, wavs: list[np.ndarray], start_frame: int = 0,
-                      num_frames: int | None = None) -> np.ndarray:
-        """One-hot chroma (B, T, 12) of the melody slice under frames [start, start + n).
-
-        The slice wraps around a melody shorter than the output, as audiocraft does for long
-        generations; a batch is padded to its longest clip, as the reference extractor does.
-        """
-        from mlx_music.runtime.chroma import ChromaExtractor
-
-        mcfg = self.config["melody"]
-        extractor = ChromaExtractor(sampling_rate=mcfg["sampling_rate"], n_fft=mcfg["n_fft"],
-                                    hop_length=mcfg["hop_length"], chunk_length=mcfg["chunk_length"],
-                                    num_chroma=mcfg["num_chroma"])
-        if start_frame == 0 and num_frames is None:
-            return extractor(wavs, mcfg["sampling_rate"])
-        spf = mcfg["sampling_rate"] / self.frame_rate  # melody samples per codec frame
-        a, n = int(round(start_frame * spf)), int(round((num_frames or 0) * spf))
-        sliced = [np.take(w, np.arange(a, a + n) % w.shape[-1], axis=-1) for w in wavs]
-        return extractor(sliced, mcfg["sampling_rate"])
-
-    # ------------------------------------------------------------------ codecs
-    def decode_codes(self, codes: np.ndarray | mx.array) -> np.ndarray:
-        """(B, K, F) frame-aligned codes → float32 audio (B, channels, F * hop)."""
-        codes = mx.array(codes)
-        enc = self.model.audio_encoder
-        if self.audio_channels == 1:
-            audio = enc.decode(codes)
-        else:  # stereo: even codebooks are the left channel, odd the right
-            audio = mx.concatenate([enc.decode(codes[:, 0::2]), enc.decode(codes[:, 1::2])], axis=1)
-        return np.array(audio.astype(mx.float32))
-
+    # ----------------------------------------------------------------- codec
     def encode_audio(self, audio: AudioInput) -> np.ndarray:
-        """An audio prompt → (1, K, F) codes (stereo: channels encoded separately, interleaved)."""
-        from mlx_music.runtime.audio_io import load_audio_input
+        """An audio prompt (path or (waveform, sr)) → codes (K, frames) int32.
 
-        # Continuing silence is almost surely a wrong file: refuse it like a silent melody.
-        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels, require_signal=True)  # (C, S)
-        x = mx.array(wav[:, None, :])  # (C, 1, S): each channel through the mono codec
-        codes = np.array(self.model.audio_encoder.encode(x))  # (C, nq, F)
-        if self.audio_channels == 1:
-            return codes[:1]
-        nq = codes.shape[1]
-        out = np.empty((1, 2 * nq, codes.shape[2]), dtype=codes.dtype)
-        out[0, 0::2], out[0, 1::2] = codes[0], codes[1]
+        Resampled to the codec rate; a mono prompt for a stereo model is duplicated. Silence is
+        refused (continuing silence is almost surely a wrong file)."""
+        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels, require_signal=True)
+        return self.codec.encode(wav)
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Codes (B, K, frames) → float32 audio (B, channels, frames * hop), as `generate` decodes."""
+        dec = self.codec.stream_decoder()
+        return np.concatenate([dec.push(codes), dec.flush()], axis=-1)
+
+    # -------------------------------------------------------------- generate
+    def generate(self, prompts: str | Sequence[str], duration: float = 10.0, *, seed: int | None = None,
+                 guidance_scale: float | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
+                 melody: AudioInput | list[AudioInput] | None = None, audio_prompt: AudioInput | None = None,
+                 extend_stride: float | None = None, progress: bool = False) -> GenerationResult:
+        """Text (+ melody, + audio prompt) → `GenerationResult` with one row per prompt.
+
+        ``duration`` in seconds includes ``audio_prompt``. Longer than one window (30 s on the
+        published models) uses a sliding window that advances ``extend_stride`` seconds (default
+        the window x 18/30, audiocraft's 18 s of 30 s). ``None`` settings take the checkpoint's
+        defaults (guidance 3, top-k 250, sampling). Raises ValueError naming the parameter.
+        """
+        reqs = self.requests(prompts, duration, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
+                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt)
+        return self.generate_batch(reqs, extend_stride=extend_stride, progress=progress)
+
+    def generate_batch(self, requests: Sequence[Request], *, extend_stride: float | None = None,
+                       progress: bool = False) -> GenerationResult:
+        """Independent rows, each with its own prompt, duration, seed and settings."""
+        frames = self.frames(requests, extend_stride)
+        t0 = time.perf_counter()
+        with _progress_bar(progress, frames, self.frame_rate, "generate") as bar:
+            for final in frames:
+                bar(final)
+        codes = frames.codes(frames.num_frames)
+        audio: list[np.ndarray | None] = [None] * len(frames.rows)
+        for n, idx in _length_groups(frames.rows).items():  # equal lengths decode together
+            for i, a in zip(idx, self.decode_codes(codes[idx, :, :n])):
+                audio[i] = a
+        stats = GenerationStats(frames.steps, time.perf_counter() - t0)
+        return GenerationResult(audio, [codes[i, :, :r.frames].copy() for i, r in enumerate(frames.rows)],
+                                self.sample_rate, [r.seed for r in frames.rows], stats)
+
+    # ---------------------------------------------------------------- stream
+    def stream(self, prompts: str | Sequence[str], duration: float = 10.0, *, chunk_seconds: float = 1.0,
+               seed: int | None = None, guidance_scale: float | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
+               melody: AudioInput | list[AudioInput] | None = None, audio_prompt: AudioInput | None = None,
+               extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
+        """Like `generate`, as `AudioChunk`s of ``chunk_seconds`` (the last may be shorter) yielded
+        as soon as their frames are final. Concatenated, the chunks equal `generate`'s audio.
+        Arguments are checked here, before the first chunk."""
+        reqs = self.requests(prompts, duration, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
+                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt)
+        return self.stream_batch(reqs, chunk_seconds=chunk_seconds, extend_stride=extend_stride, progress=progress)
+
+    def stream_batch(self, requests: Sequence[Request], *, chunk_seconds: float = 1.0,
+                     extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
+        if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \
+                or not math.isfinite(chunk_seconds) or chunk_seconds <= 0:
+            raise ValueError(f"chunk_seconds {chunk_seconds!r}: must be a positive number of seconds")
+        frames = self.frames(requests, extend_stride)
+        return self._chunks(frames, max(1, round(chunk_seconds * self.frame_rate)), progress)
+
+    def _chunks(self, frames: FrameGenerator, chunk_frames: int, progress: bool) -> Iterator[AudioChunk]:
+        hop = self.codec.hop
+        groups = [_Group(n, idx, self.codec.stream_decoder(), hop) for n, idx in _length_groups(frames.rows).items()]
+        stats = GenerationStats()
+        seeds = [r.seed for r in frames.rows]
+        t0 = time.perf_counter()
+        emitted = 0  # frames of audio yielded
+        with _progress_bar(progress, frames, self.frame_rate, "stream") as bar:
+            for final in frames:
+                bar(final)
+                while emitted < frames.num_frames:
+                    end = min(emitted + chunk_frames, frames.num_frames)
+                    if not all([g.pump(frames, end) for g in groups]):  # every group pumps
+                        break
+                    audio: list[np.ndarray] = [np.zeros((self.audio_channels, 0), np.float32)] * len(frames.rows)
+                    for g in groups:
+                        for i, a in zip(g.rows, g.take(emitted, end)):
+                            audio[i] = a
+                    stats.steps, stats.seconds = frames.steps, time.perf_counter() - t0
+                    if stats.first_audio_seconds is None:
+                        stats.first_audio_seconds, stats.first_audio_steps = stats.seconds, frames.steps
+                    yield AudioChunk(audio, emitted * hop, self.sample_rate, seeds, stats)
+                    emitted = end
+
+
+class _Group:
+    """Rows of one length, decoded together by one block decoder."""
+
+    def __init__(self, frames: int, rows: list[int], decoder: Any, hop: int):
+        self.frames, self.rows, self.decoder, self.hop = frames, rows, decoder, hop
+        self.pushed = 0  # frames handed to the decoder
+        self.start = 0  # frame of audio[..., 0]
+        self.audio = np.zeros((len(rows), decoder.codec.channels, 0), np.float32)  # decoded, not taken
+
+    @property
+    def covered(self) -> int:
+        return self.start + self.audio.shape[-1] // self.hop
+
+    def pump(self, gen: FrameGenerator, end: int) -> bool:
+        """Decode what is needed for frames up to ``end``; True once they are decoded.
+
+        Codes are pushed only when the codec can return the whole span (or at the rows' end),
+        since each push costs a host sync and the codec's edge context."""
+        need = min(end, self.frames)
+        if self.covered >= need:
+            return True
+        target = min(gen.final, self.frames)
+        if target >= min(self.frames, need + self.decoder.latency_frames) and target > self.pushed:
+            more = [self.decoder.push(gen.codes(target)[self.rows, :, self.pushed:target])]
+            self.pushed = target
+            if target == self.frames:
+                more.append(self.decoder.flush())
+            self.audio = np.concatenate([self.audio, *more], axis=-1)
+        return self.covered >= need
+
+    def take(self, begin: int, end: int) -> list[np.ndarray]:
+        """Audio of frames [begin, end) of each row, cut at the rows' end."""
+        end = max(begin, min(end, self.frames))
+        lo, hi = (begin - self.start) * self.hop, (end - self.start) * self.hop
+        out = [np.ascontiguousarray(a[:, lo:hi]) for a in self.audio]
+        self.audio, self.start = self.audio[..., hi:], end
         return out
 
-    # ---------------------------------------------------------------- generate
-    def generate_codes(self, prompts: Sequence[str], num_frames: int, *, sampling: SamplingConfig,
-                       seed: int | None = None, chroma: np.ndarray | None = None,
-                       prompt_codes: np.ndarray | None = None,
-                       on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Frame-aligned codes (B, K, num_frames) for one window (≤ max_frames)."""
-        b = len(prompts)
-        if num_frames > self.max_frames:
-            raise ValueError(f"{num_frames} frames exceed one window ({self.max_frames}); use generate()")
-        if prompt_codes is not None and prompt_codes.shape[0] == 1 and b > 1:
-            prompt_codes = np.repeat(prompt_codes, b, axis=0)
-        pattern = build_pattern(num_frames, self.num_codebooks, self.audio_channels, self.pad_id,
-                                prompt=prompt_codes, batch=b)
-        cond = self.condition(prompts, sampling, chroma)
-        t0 = time.perf_counter()
-        seq = generate_tokens(self.model, cond, pattern, sampling, seed, self.compile_step, on_step)
-        dt = time.perf_counter() - t0
-        steps = pattern.shape[-1] - 1
-        self.last_stats = {"steps": steps, "seconds": dt, "steps_per_s": steps / dt if dt else float("inf")}
-        return revert_pattern(seq, num_frames, self.audio_channels)
 
-    def generate(self, prompts: str | Sequence[str], duration: float = 10.0, *,
-                 guidance_scale: float | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-                 seed: int | None = None, melody: AudioInput | None = None,
-                 audio_prompt: AudioInput | None = None, extend_stride: float = 18.0,
-                 progress: bool = False, return_codes: bool = False):
-        """Text (+ melody, + audio prompt) → (audio float32 [B, channels, samples], sample_rate).
+def _length_groups(rows: Sequence[Row]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.frames, []).append(i)
+    return groups
 
-        With `audio_prompt`, the output starts with the prompt and continues it; durations longer
-        than one 30 s window are generated with a sliding window (`extend_stride` seconds).
-        """
-        from mlx_music.runtime.extend import generate_long
 
-        prompts = normalize_prompts(prompts)
-        sampling = self.sampling_config(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, do_sample=False if greedy else None)
-        frames = self.frames_for(duration)
-        chroma = None
-        if melody is not None:
-            wavs = self.melody_waveforms(melody, len(prompts))
-            if frames <= self.max_frames:
-                chroma = self.melody_chroma(wavs)
-            else:  # each window sees its own slice of the melody
-                chroma = lambda start, n: self.melody_chroma(wavs, start, n)  # noqa: E731
-        prompt_codes = self.encode_audio(audio_prompt) if audio_prompt is not None else None
-        codes = generate_long(self, prompts, frames, sampling=sampling, seed=seed, chroma=chroma,
-                              prompt_codes=prompt_codes, extend_stride=extend_stride, progress=progress)
-        audio = self.decode_codes(codes)
-        if return_codes:
-            return audio, self.sample_rate, codes
-        return audio, self.sample_rate
+class _progress_bar:
+    """tqdm bar in seconds of audio (a no-op when off)."""
 
-    def stream(self, prompts: str | Sequence[str], duration: float = 10.0, *, chunk_seconds: float = 1.0,
-               guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, greedy: bool = False, seed: int | None = None,
-               melody: AudioInput | None = None, audio_prompt: AudioInput | None = None,
-               extend_stride: float = 18.0, progress: bool = False,
-               on_step: Callable[[int, int], None] | None = None):
-        """Like `generate`, but an iterator of float32 audio chunks yielded as soon as they are
-        final: [channels, samples] for one prompt given as a string, [B, channels, samples] for a
-        list. Their concatenation equals `generate`'s audio for the same seed. Bad arguments raise
-        here, before the first chunk. See runtime/streaming.py for chunk sizes and latency."""
-        from mlx_music.runtime.streaming import stream_audio
+    def __init__(self, on: bool, frames: FrameGenerator, frame_rate: int, desc: str):
+        self.bar, self.shown, self.rate = None, 0, frame_rate
+        if on:
+            from tqdm import tqdm
 
-        chunks = stream_audio(self, prompts, duration, chunk_seconds=chunk_seconds, guidance_scale=guidance_scale,
-                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
-                            melody=melody, audio_prompt=audio_prompt, extend_stride=extend_stride,
-                            progress=progress, on_step=on_step)
-        if not isinstance(prompts, str):
-            return chunks
-        return (c[0] for c in chunks)
+            self.bar = tqdm(total=round(frames.num_frames / frame_rate, 2), unit="s", desc=desc,
+                            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} s of audio [{elapsed}<{remaining}]")
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, final: int) -> None:
+        if self.bar is not None and final > self.shown:
+            self.bar.update((final - self.shown) / self.rate)
+            self.shown = final
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

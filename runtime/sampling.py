@@ -1,79 +1,172 @@
-"""Next-token selection: classifier-free guidance, temperature, top-k, top-p; all in MLX so it
-runs on the device with no host round trip."""
+"""Next-token selection: classifier-free guidance (CFG), temperature, top-k, top-p.
+
+Everything runs in MLX on the device, vectorised over rows: each row of a batch carries its own
+settings and its own random key, so a row samples the same tokens whether it runs alone or
+batched with others (the batch only stacks independent requests).
+
+Numerical contract (every setting has a defined result, never garbage):
+- temperature: logits are shifted so the row maximum is 0 before dividing, so a tiny
+  temperature (even one where ``logits / T`` would overflow float32) gives the T → 0 limit,
+  the argmax; only finite T > 0 is accepted.
+- top-p: the most likely token always survives, so top-p → 0 is the argmax.
+- top-k: k >= vocabulary size keeps every token (the same as 0, "off").
+- guidance: ``uncond + s · (cond − uncond)`` is clamped to the finite float32 range before the
+  shift, so a huge scale gives its s → ∞ limit instead of inf − inf = NaN.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
+import numpy as np
+
+# The one source of generation defaults (audiocraft's and transformers' MusicGen defaults).
+# A checkpoint's config.json "generation" section may override them; the converter writes these.
+DEFAULTS: Mapping[str, Any] = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250, "top_p": 0.0,
+                               "greedy": False}
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    guidance_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0  # 0 disables nucleus filtering
-    do_sample: bool = True
+    """Sampling settings of one row. ``top_k=0`` and ``top_p=0`` turn those filters off."""
+
+    guidance_scale: float = DEFAULTS["guidance_scale"]
+    temperature: float = DEFAULTS["temperature"]
+    top_k: int = DEFAULTS["top_k"]
+    top_p: float = DEFAULTS["top_p"]
+    greedy: bool = DEFAULTS["greedy"]
+
+    @classmethod
+    def from_defaults(cls, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> "SamplingConfig":
+        """Checkpoint defaults (config.json "generation"), then non-None ``overrides``; validated.
+
+        Raises ValueError naming the parameter (``temperature``, ``top_k``, ...) on a bad value.
+        """
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in {**DEFAULTS, **(defaults or {})}.items() if k in names}
+        if (defaults or {}).get("do_sample") is False:  # older config.json files
+            values["greedy"] = True
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
 
     def validate(self) -> "SamplingConfig":
-        import math
+        def number(name: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(float(v)):
+                raise ValueError(f"{name} {v!r}: must be a finite number")
+            return float(v)
 
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"--guidance {self.guidance_scale}: must be >= 0 (1 disables guidance)")
-        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature {self.temperature}: must be > 0 (use --greedy for argmax decoding)")
-        if self.top_k < 0:
-            raise ValueError(f"--top-k {self.top_k}: must be >= 0 (0 disables top-k)")
-        if not (0.0 <= self.top_p <= 1.0) or (self.top_p != self.top_p):
-            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1], or 0 to disable")
-        return self
+        if number("guidance_scale", self.guidance_scale) < 0:
+            raise ValueError(f"guidance_scale {self.guidance_scale}: must be >= 0 (1 turns guidance off)")
+        if number("temperature", self.temperature) <= 0 and not self.greedy:
+            raise ValueError(f"temperature {self.temperature}: must be > 0 (use greedy for argmax decoding)")
+        if int(number("top_k", self.top_k)) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k}: must be an integer >= 0 (0 turns top-k off)")
+        if not 0.0 <= number("top_p", self.top_p) <= 1.0:
+            raise ValueError(f"top_p {self.top_p}: must be in (0, 1], or 0 to turn it off")
+        return replace(self, top_k=int(self.top_k), greedy=bool(self.greedy))
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale != 1.0
 
 
-def apply_cfg(logits: mx.array, scale: float) -> mx.array:
-    """logits: (2B, ...) with conditional rows first. uncond + scale * (cond - uncond)."""
-    cond, uncond = mx.split(logits, 2, axis=0)
-    return uncond + (cond - uncond) * scale
+@dataclass(frozen=True)
+class RowSampling:
+    """Per-row settings of a batch as (B,) device arrays, plus the batch-wide static choices."""
+
+    guidance: mx.array  # (B,) float32
+    inv_temperature: mx.array  # (B,) float32
+    top_k: mx.array  # (B,) int32, vocabulary size where off
+    top_p: mx.array  # (B,) float32, 1 where off
+    greedy: mx.array  # (B,) bool
+    cfg: bool  # any row uses CFG: the batch runs 2B rows (conditional first, then null)
+    sample: bool  # any row samples (False: the whole batch is greedy)
+    top_k_on: bool  # any row filters with top-k
+    top_p_on: bool  # any row filters with top-p
+
+    @classmethod
+    def stack(cls, rows: Sequence[SamplingConfig], vocab: int) -> "RowSampling":
+        f32 = lambda xs: mx.array(np.asarray(xs, np.float32))  # noqa: E731
+        return cls(guidance=f32([r.guidance_scale for r in rows]),
+                   inv_temperature=f32([0.0 if r.greedy else 1.0 / r.temperature for r in rows]),
+                   top_k=mx.array(np.asarray([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], np.int32)),
+                   top_p=f32([r.top_p if 0 < r.top_p < 1 else 1.0 for r in rows]),
+                   greedy=mx.array(np.asarray([r.greedy for r in rows], bool)),
+                   cfg=any(r.uses_cfg for r in rows), sample=not all(r.greedy for r in rows),
+                   top_k_on=any(0 < r.top_k < vocab and not r.greedy for r in rows),
+                   top_p_on=any(0 < r.top_p < 1 and not r.greedy for r in rows))
+
+    @property
+    def static(self) -> tuple[bool, bool, bool, bool]:
+        """The choices a compiled step is specialised on (the arrays are its inputs)."""
+        return (self.cfg, self.sample, self.top_k_on, self.top_p_on)
+
+    def arrays(self) -> list[mx.array]:
+        return [self.guidance, self.inv_temperature, self.top_k, self.top_p, self.greedy]
+
+    def with_arrays(self, arrays: Sequence[mx.array]) -> "RowSampling":
+        g, t, k, p, gr = arrays
+        return replace(self, guidance=g, inv_temperature=t, top_k=k, top_p=p, greedy=gr)
 
 
-def top_k_filter(logits: mx.array, k: int) -> mx.array:
-    """Keep the k largest logits on the last axis (ties at the threshold kept), -inf elsewhere."""
-    vocab = logits.shape[-1]
-    if k <= 0 or k >= vocab:
-        return logits
-    kth = mx.sort(logits, axis=-1)[..., vocab - k: vocab - k + 1]
-    return mx.where(logits < kth, -mx.inf, logits)
+def apply_cfg(logits: mx.array, guidance: mx.array) -> mx.array:
+    """(2B, K, V) logits, conditional rows first → (B, K, V) guided logits.
 
-
-def top_p_filter(logits: mx.array, p: float) -> mx.array:
-    """Nucleus filtering: keep the smallest set of tokens whose probability reaches p.
-
-    A token is kept when the probability mass strictly above it is < p, so the most likely
-    token always survives.
+    ``uncond + s · (cond − uncond)`` (audiocraft's ``LMModel._sample_next_token``); rows with
+    s == 1 return ``cond`` exactly, so they match a run without CFG bit for bit.
     """
-    if p <= 0.0 or p >= 1.0:
-        return logits
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    order = mx.argsort(-probs, axis=-1)
-    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < p
-    # Scatter the keep mask back to vocabulary order.
-    inv = mx.argsort(order, axis=-1)
-    keep = mx.take_along_axis(keep_sorted, inv, axis=-1)
-    return mx.where(keep, logits, -mx.inf)
+    cond, uncond = mx.split(logits.astype(mx.float32), 2, axis=0)
+    s = guidance[:, None, None]
+    guided = mx.clip(uncond + (cond - uncond) * s, -_F32_MAX, _F32_MAX)
+    return mx.where(s == 1.0, cond, guided)
 
 
-def select_tokens(logits: mx.array, cfg: SamplingConfig, key: mx.array | None) -> mx.array:
-    """logits (..., vocab) → token ids (...). Greedy when do_sample is False."""
-    logits = logits.astype(mx.float32)
-    if not cfg.do_sample:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
-    logits = logits / cfg.temperature
-    logits = top_k_filter(logits, cfg.top_k)
-    logits = top_p_filter(logits, cfg.top_p)
-    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+def filtered_logits(logits: mx.array, rs: RowSampling) -> mx.array:
+    """(B, K, V) → temperature-scaled logits with top-k / top-p applied (-inf outside)."""
+    logits = logits - logits.max(axis=-1, keepdims=True)  # max 0: no overflow when dividing by T
+    scaled = logits * rs.inv_temperature[:, None, None]
+    scaled = mx.where(mx.isnan(scaled), -mx.inf, scaled)  # -inf * 0 (greedy rows)
+    if rs.top_k_on:  # keep logits >= the k-th largest (ties at the threshold kept)
+        order = mx.sort(scaled, axis=-1)
+        at = mx.broadcast_to((logits.shape[-1] - rs.top_k)[:, None, None], order.shape[:-1] + (1,))
+        scaled = mx.where(scaled < mx.take_along_axis(order, at, axis=-1), -mx.inf, scaled)
+    if not rs.top_p_on:
+        return scaled
+    # top-p: keep a token when the mass strictly above it is < p (the best token always stays).
+    probs = mx.softmax(scaled, axis=-1)
+    desc = mx.sort(probs, axis=-1)[..., ::-1]
+    above = mx.cumsum(desc, axis=-1) - desc
+    keep_desc = above < rs.top_p[:, None, None]
+    # Smallest kept probability per row: tokens below it are cut (ties kept, as with top-k).
+    floor = mx.min(mx.where(keep_desc, desc, mx.inf), axis=-1, keepdims=True)
+    return mx.where(probs < floor, -mx.inf, scaled)
+
+
+def select_tokens(logits: mx.array, rs: RowSampling, keys: mx.array) -> tuple[mx.array, mx.array]:
+    """Guided logits (B, K, V) and per-row keys (B, 2) → tokens (B, K) int32 and the next keys.
+
+    Sampling is the Gumbel-max form of ``mx.random.categorical`` with each row's own key, so a
+    row's tokens do not depend on the other rows of the batch.
+    """
+    split = mx.vmap(mx.random.split)(keys)  # (B, 2, 2): next key, this step's key
+    nxt, sub = split[:, 0], split[:, 1]
+    b, k, v = logits.shape
+    greedy_tok = mx.argmax(logits, axis=-1)
+    if not rs.sample:
+        return greedy_tok.astype(mx.int32), nxt
+    scaled = filtered_logits(logits, rs)
+    noise = mx.vmap(lambda key: mx.random.gumbel(shape=(k, v), key=key))(sub)
+    sampled = mx.argmax(scaled + noise, axis=-1)
+    tok = mx.where(rs.greedy[:, None], greedy_tok, sampled)
+    return tok.astype(mx.int32), nxt
+
+
+def row_keys(seeds: Sequence[int]) -> mx.array:
+    """(B, 2) uint32 keys, one per row seed."""
+    return mx.stack([mx.random.key(int(s)) for s in seeds])

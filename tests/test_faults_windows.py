@@ -30,11 +30,11 @@ from click.testing import CliRunner
 import tiny_models
 
 # ------------------------------------------------------------------ seams (re-point these only)
-from converters.convert import convert_checkpoint  # noqa: E402
-from mlx_models.musicgen import MusicGen  # noqa: E402
-from runtime import load  # noqa: E402
-from runtime.chroma import ChromaExtractor  # noqa: E402  (numpy twin of the reference extractor)
-from runtime.cli import main as cli_main  # noqa: E402
+from mlx_music.converters.convert import convert_checkpoint  # noqa: E402
+from mlx_music.models.musicgen import MusicGen  # noqa: E402
+from mlx_music.runtime import load  # noqa: E402
+from mlx_music.runtime.chroma import ChromaExtractor  # noqa: E402  (numpy twin of the reference extractor)
+from mlx_music.cli import main as cli_main  # noqa: E402
 
 
 def record_melody_chroma(monkeypatch) -> list[np.ndarray]:

@@ -1,0 +1,103 @@
+"""What the decoder is conditioned on, per window: text states, melody chroma, and their CFG nulls.
+
+Text is encoded once per generation (it is the same in every window). A melody is prepared once
+(channel mean, resampled to the chroma rate) and sliced per window by audiocraft's rule
+(``models/genmodel.py``, ``_generate_tokens``): every window of a long generation, the last
+shorter one too, sees ``window`` seconds of melody starting at the window's start time, wrapping
+around a shorter melody. A generation that fits one window uses the whole melody, as transformers'
+``MusicgenMelodyFeatureExtractor`` does (the model tiles its projection to ``chroma_length``).
+
+The CFG null condition is built here and only here: zero text states with an all-zero mask, and
+for melody models the chroma one-hot on bin 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_music.models.musicgen import MusicGen
+from mlx_music.runtime.audio_io import load_audio_input, read_audio
+from mlx_music.runtime.chroma import ChromaExtractor, sinc_resample
+from mlx_music.runtime.text import TextTokenizer
+from mlx_music.runtime.token_loop import Conditioning
+
+AudioInput = Any  # a file path, or a (waveform, sample_rate) tuple
+
+
+def melody_waveform(item: AudioInput, target_sr: int) -> np.ndarray:
+    """A melody (path or (waveform, sr)) → mono float64 (S,) at ``target_sr``; ValueError if silent.
+
+    Resampled with the chroma module's sinc resampler (the reference extractor's), not soxr: a
+    different resampler moves energy between FFT bins and can flip near-tie chroma frames.
+    """
+    if isinstance(item, tuple):
+        wav = load_audio_input(item, int(item[1]) if len(item) == 2 else target_sr, require_signal=True)
+        sr = int(item[1])
+    else:
+        wav, sr = read_audio(item, require_signal=True)
+    mono = wav.astype(np.float64).mean(axis=0)  # channel mean first, as the reference does
+    return sinc_resample(mono, sr, target_sr) if sr != target_sr else mono
+
+
+class Conditioner:
+    """Builds a window's `Conditioning` for a batch of rows (each with its own text and melody)."""
+
+    def __init__(self, model: MusicGen, tokenizer: TextTokenizer, config: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.frame_rate = int(config["frame_rate"])
+        self.melody = config.get("melody") if model.is_melody else None
+        self.extractor = ChromaExtractor.from_config(self.melody) if self.melody else None
+
+    def text(self, prompts: Sequence[str], cfg: bool) -> tuple[mx.array, mx.array]:
+        """T5 states (rows, S, h) and mask (rows, S); with CFG the null rows follow (zeros)."""
+        ids, mask = self.tokenizer(list(prompts))
+        states, m = self.model.encode_text(mx.array(ids), mx.array(mask))
+        if cfg:
+            states = mx.concatenate([states, mx.zeros_like(states)], axis=0)
+            m = mx.concatenate([m, mx.zeros_like(m)], axis=0)
+        return states, m
+
+    def window(self, text: tuple[mx.array, mx.array], melodies: Sequence[np.ndarray | None], cfg: bool,
+               start_frame: int, window_frames: int, whole: bool) -> Conditioning:
+        """Conditioning of the window starting at global frame ``start_frame``.
+
+        ``melodies``: one mono waveform at the chroma rate per row, or None (null melody).
+        ``whole``: the generation fits one window, so each melody is used whole.
+        """
+        states, mask = text
+        if self.extractor is None:
+            return Conditioning(states, mask)
+        sr = int(self.melody["sampling_rate"])
+        t0 = start_frame / self.frame_rate
+        length = int(window_frames / self.frame_rate * sr)
+        null = self._null_chroma()
+        rows = []
+        for wav in melodies:
+            if wav is None:
+                rows.append(null)
+                continue
+            if not whole:  # audiocraft: wav[(int(t0 * sr) + arange(window)) % len(wav)]
+                wav = wav[(int(t0 * sr) + np.arange(length)) % wav.shape[-1]]
+            rows.append(self.extractor([wav], sr)[0])
+        if cfg:
+            rows += [null] * len(melodies)
+        return Conditioning(states, mask, mx.array(_tile_rows(rows, self.model.chroma_length)))
+
+    def _null_chroma(self) -> np.ndarray:
+        c = np.zeros((1, int(self.melody["num_chroma"])), np.float32)
+        c[:, 0] = 1.0
+        return c
+
+
+def _tile_rows(rows: list[np.ndarray], chroma_length: int) -> np.ndarray:
+    """Stack (T_i, 12) chroma rows to (B, T, 12), T >= chroma_length, tiling each row.
+
+    The model tiles a short chroma to ``chroma_length`` and cuts a long one, so tiling here to at
+    least that length gives every row the prefix it would get alone.
+    """
+    t = max(chroma_length, *(r.shape[0] for r in rows))
+    return np.stack([np.tile(r, (-(-t // r.shape[0]), 1))[:t] for r in rows]).astype(np.float32)
