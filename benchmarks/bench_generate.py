@@ -12,7 +12,7 @@ One run does everything:
 What is timed, for both engines: text encoding + prefill + the sampled token loop (CFG 3.0,
 top-k 250, temperature 1) for exactly `--steps` decoder steps. EnCodec decoding is excluded:
 transformers' `generate()` always decodes, so its `audio_encoder.decode` is replaced by a stub;
-our side calls `generate_codes` (which never decodes).
+our side drains the frame generator (`pipe.frames(...)`, which never decodes).
 
     python benchmarks/bench_generate.py --size small --steps 250 --json out.json
     python benchmarks/bench_generate.py --size large --stereo --modes bf16,q4 --hf-modes fp32
@@ -218,33 +218,39 @@ def worker_hf(folder: Path, mode: str, steps: int, repeats: int, seed: int) -> d
 
 def worker_mlx(folder: Path, mode: str, steps: int, repeats: int, seed: int, channels: int,
                codebooks: int) -> dict[str, Any]:
-    """Our pipeline's token loop (`generate_codes`: text encoding, prefill, sampled steps)."""
-    import mlx_music.runtime  # preloads MKL before mlx.core on Linux CPUs
-    from mlx_music.blas import blas_info
-
+    """Our pipeline's token loop (the frame generator: text encoding, prefill, sampled steps)."""
     import mlx.core as mx
 
-    pipe = runtime.load(str(folder))
-    sampling = pipe.sampling_config(guidance_scale=3.0, top_k=250, temperature=1.0, do_sample=True)
+    from mlx_music.blas import blas_info  # `import mlx_music` preloads MKL before mlx.core
+    from mlx_music.runtime import load
+    from mlx_music.runtime.generation import Request
+
+    pipe = load(str(folder))
     # steps = frames + (codebooks per channel - 1) delay positions: the same count transformers runs.
     frames = steps - (codebooks // channels - 1)
+    done = []
 
     def run(s: int) -> float:
         t0 = time.perf_counter()
-        pipe.generate_codes([PROMPT], frames, sampling=sampling, seed=s)  # returns numpy: synced
+        gen = pipe.frames([Request(PROMPT, frames / pipe.frame_rate, seed=s, guidance_scale=3.0, top_k=250,
+                                   temperature=1.0, greedy=False)])
+        for _ in gen:
+            pass
+        gen.codes(gen.num_frames)  # numpy: synced
+        done.append(gen.steps)
         return time.perf_counter() - t0
 
     run(seed)  # warm-up: kernel JIT, allocator
     mx.reset_peak_memory()
     times = [run(seed + 1 + i) for i in range(repeats)]
-    assert pipe.last_stats["steps"] == steps, pipe.last_stats
+    assert done[-1] == steps, done
     peak_dev = mx.get_peak_memory() / 2**30
-    return {**_mlx_profile(pipe.model, codebooks),"engine": "mlx", "mode": mode, "device": str(mx.default_device()), "times": times,
+    return {**_mlx_profile(pipe, codebooks), "engine": "mlx", "mode": mode, "device": str(mx.default_device()), "times": times,
             "steps": steps, "peak_dev_gb": peak_dev, "peak_rss_gb": _peak_rss_gb(),
             "mlx": mx.__version__, "blas": blas_info().get("backend")}
 
 
-def _mlx_profile(model: Any, codebooks: int, n: int = 30) -> dict[str, float]:
+def _mlx_profile(pipe: Any, codebooks: int, n: int = 30) -> dict[str, float]:
     """Where a step's time goes: the cached compiled functions run with a sync after every call.
 
     sync_step_ms: sampling + decoder step, waited for each time (launch + device time);
@@ -253,20 +259,24 @@ def _mlx_profile(model: Any, codebooks: int, n: int = 30) -> dict[str, float]:
     """
     import mlx.core as mx
 
-    runner = next(iter(model.__dict__["_mlx_music_runners"].values()))
-    advance, last = runner.functions()
-    rows = runner.cache.batch_size
+    from mlx_music.runtime.generation import Request
+    from mlx_music.runtime.sampling import RowSampling, row_keys
+
+    loop = next(iter(pipe._loops.values()))  # the token loop the timed runs used
+    rs = RowSampling.stack([pipe.resolve(Request(PROMPT, 1.0)).sampling], pipe.vocab_size)
+    advance, last = loop._functions(rs)
+    rows = loop.cache.batch_size
     logits = mx.random.normal((rows, codebooks, 2048)).astype(mx.float32)
-    forced = mx.full((rows // 2 if runner.cfg else rows, codebooks), -1, dtype=mx.int32)
-    key = mx.random.key(0)
-    n = min(n, runner.cache.max_len - 2)  # slot writes past the buffer are not checked
+    forced = mx.full((rows // 2 if loop.cfg else rows, codebooks), -1, dtype=mx.int32)
+    keys = row_keys([0])
+    n = min(n, loop.cache.max_len - 2)  # slot writes past the buffer are not checked
     out: dict[str, float] = {}
     for name, fn in (("sync_step_ms", advance), ("sample_ms", last)):
-        runner.cache.offset = mx.array(0, dtype=mx.int32)  # keep the writes inside the buffer
-        mx.eval(fn(logits, forced, key))
+        loop.cache.offset = mx.array(0, dtype=mx.int32)  # keep the writes inside the buffer
+        mx.eval(fn(logits, forced, keys, *rs.arrays()))
         t0 = time.perf_counter()
         for _ in range(n):
-            mx.eval(fn(logits, forced, key))
+            mx.eval(fn(logits, forced, keys, *rs.arrays()))
         out[name] = (time.perf_counter() - t0) / n * 1e3
     return out
 

@@ -92,7 +92,8 @@ class RowSampling:
 
     @classmethod
     def stack(cls, rows: Sequence[SamplingConfig], vocab: int) -> "RowSampling":
-        f32 = lambda xs: mx.array(np.asarray(xs, np.float32))  # noqa: E731
+        # Clipped to float32's range: 1 / 1e-39 or a guidance of 1e300 must not become inf.
+        f32 = lambda xs: mx.array(np.clip(np.asarray(xs, np.float64), -_F32_MAX, _F32_MAX).astype(np.float32))  # noqa: E731
         return cls(guidance=f32([r.guidance_scale for r in rows]),
                    inv_temperature=f32([0.0 if r.greedy else 1.0 / r.temperature for r in rows]),
                    top_k=mx.array(np.asarray([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], np.int32)),

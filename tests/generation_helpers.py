@@ -41,3 +41,10 @@ def prompt_audio(seconds: float) -> tuple[np.ndarray, int]:
     sr = 32000
     t = np.arange(int(seconds * sr)) / sr
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), sr
+
+
+def gen(pipe, *args, **kwargs):
+    """`pipe.generate` as stacked arrays (audio [B, C, S], sample rate, codes [B, K, F]) for tests
+    whose rows all have one length."""
+    res = pipe.generate(*args, **kwargs)
+    return np.stack(res.audio), res.sample_rate, np.stack(res.codes)

@@ -1,4 +1,4 @@
-"""Generation beyond one window (runtime/extend.py) on the tiny fixtures.
+"""Generation beyond one window (runtime/generation.py) on the tiny fixtures.
 
 The tiny text fixtures hold 252 frames per window (5.04 s: 256 positions - BOS - 3 delays), the
 melody fixture 168 (its 20-frame chroma prefix + 64 text tokens are reserved too). The issue's
@@ -14,28 +14,42 @@ import numpy as np
 import pytest
 
 from mlx_music.models.musicgen import MusicGen
-from generation_helpers import cached_pipe, melody_tones, prompt_audio, snr_db
-from mlx_music.runtime.extend import generate_long
+from generation_helpers import gen, cached_pipe, melody_tones, prompt_audio, snr_db
+from mlx_music.runtime.conditioning import Conditioner
+from mlx_music.runtime.generation import FrameGenerator
 
 PROMPT = "calm piano"
 HOP = 640
 
 
 class Recorder:
-    """Records every window (`generate_codes` call) and every decoder cache of a generation."""
+    """Records every window (its frames, known leading codes, start and conditional chroma) and
+    every decoder cache of a generation."""
 
     def __init__(self, pipe, monkeypatch):
         self.windows: list[dict] = []
         self.caches: list = []
-        inner = pipe.generate_codes
+        pattern = FrameGenerator._pattern
 
-        def generate_codes(prompts, num_frames, **kw):
-            pc = kw.get("prompt_codes")
-            self.windows.append({"frames": num_frames, "prompt": None if pc is None else pc.copy(),
-                                 "chroma": kw.get("chroma")})
-            return inner(prompts, num_frames, **kw)
+        def recording_pattern(gen, w):
+            if w.index:
+                known = gen._codes[:, :, w.start:w.start + w.keep].copy()
+            else:
+                pc = gen.rows[0].prompt_codes
+                known = None if pc is None else pc[None].copy()
+            self.windows.append({"frames": w.frames, "start": w.start, "prompt": known, "chroma": None})
+            return pattern(gen, w)
 
-        monkeypatch.setattr(pipe, "generate_codes", generate_codes)
+        monkeypatch.setattr(FrameGenerator, "_pattern", recording_pattern)
+        window = Conditioner.window
+
+        def recording_window(cond_self, *args, **kwargs):
+            cond = window(cond_self, *args, **kwargs)
+            if cond.chroma is not None:
+                self.windows[-1]["chroma"] = np.array(cond.chroma)[:1]  # conditional row 0
+            return cond
+
+        monkeypatch.setattr(Conditioner, "window", recording_window)
         make_cache = MusicGen.make_cache
 
         def recording_make_cache(model, *args, **kwargs):
@@ -51,6 +65,11 @@ class Recorder:
         for cache in self.caches:
             assert cache.max_len <= limit
             assert int(cache.offset.item()) <= cache.max_len  # positions written: 0 .. offset-1
+
+
+def tiled(chroma: np.ndarray, length: int) -> np.ndarray:
+    """(1, T, 12) → (1, length, 12) as the model tiles/cuts chroma to its chroma_length."""
+    return np.tile(chroma, (1, -(-length // chroma.shape[1]), 1))[:, :length]
 
 
 # --------------------------------------------------------------------------------- frame counts
@@ -71,7 +90,7 @@ def _greedy_run(mlx_folder, monkeypatch, case: str):
     assert pipe.max_frames == WINDOW
     duration = CASES[case][0]
     rec = Recorder(pipe, monkeypatch)
-    audio, sr, codes = pipe.generate(PROMPT, duration, greedy=True, extend_stride=3.0, return_codes=True)
+    audio, sr, codes = gen(pipe, PROMPT, duration, greedy=True, extend_stride=3.0)
     _GREEDY[case] = (audio, codes)
     return pipe, rec, audio, codes
 
@@ -111,8 +130,8 @@ def test_first_window_of_long_greedy_generation_equals_one_window(mlx_folder, mo
 
 def test_first_window_of_long_sampled_generation_equals_one_window(mlx_folder):
     pipe = cached_pipe(mlx_folder("stereo"), window_s=1.0)
-    _a, _sr, one = pipe.generate(PROMPT, 1.0, seed=21, return_codes=True)
-    _a, _sr, long = pipe.generate(PROMPT, 2.3, seed=21, extend_stride=0.6, return_codes=True)
+    _a, _sr, one = gen(pipe, PROMPT, 1.0, seed=21)
+    _a, _sr, long = gen(pipe, PROMPT, 2.3, seed=21, extend_stride=0.6)
     assert long.shape == (1, 8, 115)
     np.testing.assert_array_equal(long[..., :50], one)
 
@@ -121,7 +140,7 @@ def test_melody_positions_within_limit(mlx_folder, monkeypatch):
     pipe = cached_pipe(mlx_folder("stereo-melody"))
     assert pipe.max_frames == 168
     rec = Recorder(pipe, monkeypatch)
-    audio, _sr = pipe.generate(PROMPT, 2.3 * 168 / 50, seed=1, melody=melody_tones(8.0), extend_stride=3.0)
+    audio, _sr, _ = gen(pipe, PROMPT, 2.3 * 168 / 50, seed=1, melody=melody_tones(8.0), extend_stride=3.0)
     assert audio.shape == (1, 2, 386 * HOP)
     assert [w["frames"] for w in rec.windows] == [168, 168, 86]
     rec.check_positions(pipe.config["decoder"]["max_position_embeddings"])
@@ -135,8 +154,7 @@ def test_continuation_keeps_prompt_frames(mlx_folder, window_s, duration, prompt
     prompt_codes = pipe.encode_audio(prompt)
     p = prompt_codes.shape[-1]
     assert p == round(prompt_s * 50)
-    audio, _sr, codes = pipe.generate(PROMPT, duration, seed=8, audio_prompt=prompt, extend_stride=0.6,
-                                      return_codes=True)
+    audio, _sr, codes = gen(pipe, PROMPT, duration, seed=8, audio_prompt=prompt, extend_stride=0.6)
     frames = round(duration * 50)
     assert codes.shape == (1, 4, frames) and audio.shape == (1, 1, frames * HOP)
     np.testing.assert_array_equal(codes[..., :p], prompt_codes)
@@ -149,49 +167,34 @@ def test_prompt_longer_than_window_is_kept(mlx_folder):
     pipe = cached_pipe(mlx_folder("mono"), window_s=1.0)
     prompt = prompt_audio(1.5)  # 75 frames, window 50
     prompt_codes = pipe.encode_audio(prompt)
-    _a, _sr, codes = pipe.generate(PROMPT, 2.3, greedy=True, audio_prompt=prompt, extend_stride=0.6,
-                                   return_codes=True)
+    _a, _sr, codes = gen(pipe, PROMPT, 2.3, greedy=True, audio_prompt=prompt, extend_stride=0.6)
     assert codes.shape[-1] == 115
     np.testing.assert_array_equal(codes[..., :75], prompt_codes)
 
 
 # ----------------------------------------------------------------------------- melody per window
-def test_generate_long_asks_for_each_windows_melody_slice(mlx_folder):
-    """With a chroma function, every window asks for (its first global frame, its frame count)."""
-    pipe = cached_pipe(mlx_folder("stereo-melody"), window_s=1.0)
-    full = pipe.melody_chroma(pipe.melody_waveforms(melody_tones(8.0), 1))
-    calls: list[tuple[int, int]] = []
-
-    def chroma_fn(start: int, n: int) -> np.ndarray:
-        calls.append((start, n))
-        return full
-
-    codes = generate_long(pipe, [PROMPT], 115, sampling=pipe.sampling_config(do_sample=False), seed=None,
-                          chroma=chroma_fn, prompt_codes=None, extend_stride=0.6)
-    assert codes.shape == (1, 8, 115)
-    assert calls == [(0, 50), (30, 50), (60, 50), (90, 25)]
-
-
 def test_generate_conditions_each_window_on_its_melody_slice(mlx_folder, monkeypatch):
-    """Window w (global frames [start, start + n)) gets the chroma of melody samples
-    [start * 640, (start + n) * 640), wrapping around a melody shorter than the output."""
+    """Window w starting at global frame `start` gets the chroma of one window of melody from
+    there (audiocraft: `wav[(int(t0 * sr) + arange(window)) % len(wav)]`, the last, shorter
+    window too), wrapping around a melody shorter than the output."""
     from mlx_music.runtime.chroma import ChromaExtractor
 
     pipe = cached_pipe(mlx_folder("stereo-melody"), window_s=1.0)
     melody = melody_tones(1.5)  # shorter than the 2.3 s output: the last window wraps around
     wav = melody[0].astype(np.float32)[None, :]
     rec = Recorder(pipe, monkeypatch)
-    audio, _sr = pipe.generate(PROMPT, 2.3, greedy=True, melody=melody, extend_stride=0.6)
+    audio, _sr, _ = gen(pipe, PROMPT, 2.3, greedy=True, melody=melody, extend_stride=0.6)
     assert audio.shape == (1, 2, 115 * HOP)
     extractor = ChromaExtractor.from_config(pipe.config["melody"])
     windows = [(0, 50), (30, 50), (60, 50), (90, 25)]
-    assert [w["frames"] for w in rec.windows] == [n for _s, n in windows]
+    assert [(w["start"], w["frames"]) for w in rec.windows] == windows
     chromas = [np.asarray(w["chroma"]) for w in rec.windows]
-    for chroma, (start, n) in zip(chromas, windows):
-        idx = np.arange(start * HOP, (start + n) * HOP) % wav.shape[-1]
-        np.testing.assert_array_equal(chroma, extractor(wav[:, idx], 32000))
+    cl = pipe.model.chroma_length
+    for chroma, (start, _n) in zip(chromas, windows):
+        idx = np.arange(start * HOP, (start + pipe.max_frames) * HOP) % wav.shape[-1]
+        np.testing.assert_array_equal(tiled(chroma, cl), tiled(extractor(wav[:, idx], 32000), cl))
     assert not np.array_equal(chromas[1], chromas[0])  # the melody advances with the windows
     # A single window keeps the reference behaviour: the chroma of the whole melody.
     rec.windows.clear()
     pipe.generate(PROMPT, 1.0, greedy=True, melody=melody)
-    np.testing.assert_array_equal(np.asarray(rec.windows[0]["chroma"]), extractor(wav, 32000))
+    np.testing.assert_array_equal(tiled(rec.windows[0]["chroma"], cl), tiled(extractor(wav, 32000), cl))

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from generation_helpers import gen  # noqa: E402
 import tiny_models  # noqa: E402  (tests/ is on sys.path via conftest)
 from mlx_music.runtime import load  # noqa: E402
 from mlx_music.runtime.audio_io import ProgressiveWavWriter  # noqa: E402
@@ -170,8 +171,7 @@ def test_extra_quantizers_greedy_matches_transformers(arch, extra_quantizers):
                 attention_mask=torch.from_numpy(mask.astype(np.int64)))
     ref_codes, ref_audio = _hf_greedy(model, t_in, steps, channels)
     frames = 1 + steps - LEVELS
-    audio, sr, codes = pipe.generate(prompts, duration=frames / FRAME_RATE, greedy=True, guidance_scale=3.0,
-                                     return_codes=True)
+    audio, sr, codes = gen(pipe, prompts, duration=frames / FRAME_RATE, greedy=True, guidance_scale=3.0)
     assert sr == SR
     assert np.asarray(codes).shape == ref_codes.shape
     np.testing.assert_array_equal(np.asarray(codes), ref_codes)
@@ -192,9 +192,9 @@ def test_extra_quantizers_audio_prompt_uses_first_quantizers(arch, extra_quantiz
         ref = model.audio_encoder.encode(torch.from_numpy(wav[:, None, :]), bandwidth=2.2).audio_codes[0].numpy()
     assert ref.shape[:2] == (channels, CODEC_QUANTIZERS)
     first = ref[:, :LEVELS]  # (C, 4, F)
-    expected = np.empty((1, channels * LEVELS, first.shape[-1]), first.dtype)
+    expected = np.empty((channels * LEVELS, first.shape[-1]), first.dtype)
     for c in range(channels):
-        expected[0, c::channels] = first[c]
+        expected[c::channels] = first[c]
     got = load(str(out)).encode_audio((wav, SR))
     assert np.asarray(got).shape == expected.shape
     np.testing.assert_array_equal(np.asarray(got), expected)
@@ -245,9 +245,9 @@ def test_vanishing_temperature_or_top_p_is_greedy_or_refused(option, value, mlx_
 def test_vanishing_temperature_codes_are_not_garbage(mlx_folder):
     """Through the API: temperature 1e-39 gives the greedy codes (or a ValueError naming temperature)."""
     pipe = load(str(mlx_folder("mono")))
-    _, _, greedy_codes = pipe.generate(["x"], duration=0.5, greedy=True, return_codes=True)
+    _, _, greedy_codes = gen(pipe, ["x"], duration=0.5, greedy=True)
     try:
-        _, _, codes = pipe.generate(["x"], duration=0.5, temperature=1e-39, seed=0, return_codes=True)
+        _, _, codes = gen(pipe, ["x"], duration=0.5, temperature=1e-39, seed=0)
     except ValueError as e:
         assert "temperature" in str(e)
         return
@@ -278,7 +278,7 @@ def test_huge_guidance_is_defined(mlx_folder, tmp_path):
         return
     assert res.exit_code == 0, _describe(res)
     pipe = load(str(m))
-    audio, _, codes = pipe.generate(["x"], duration=0.5, guidance_scale=1e30, seed=0, return_codes=True)
+    audio, _, codes = gen(pipe, ["x"], duration=0.5, guidance_scale=1e30, seed=0)
     codes, audio = np.asarray(codes), np.asarray(audio)
     assert np.all(np.isfinite(audio))
     # NaN logits make the sampler return the first few ids; a defined result uses the vocabulary.

@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from generation_helpers import gen  # noqa: E402
 from mlx_music.eval.parity import (  # noqa: E402
     ModelMismatchError,
     ParityError,
@@ -91,8 +92,8 @@ def test_melody_changes_generation(mlx_folder) -> None:
     """Guards the melody rows: with vs without a melody must give different greedy tokens."""
     pipe = load(mlx_folder("melody"))
     mel = (melody_test_signal(44100, 2.0), 44100)
-    _, _, a = pipe.generate(["calm piano"], duration=0.1, greedy=True, return_codes=True)
-    _, _, b = pipe.generate(["calm piano"], duration=0.1, greedy=True, melody=mel, return_codes=True)
+    _, _, a = gen(pipe, ["calm piano"], duration=0.1, greedy=True)
+    _, _, b = gen(pipe, ["calm piano"], duration=0.1, greedy=True, melody=mel)
     assert not np.array_equal(a, b)
 
 
@@ -232,9 +233,9 @@ def test_batch_equals_single_runs(arch: str, mlx_folder) -> None:
     prompts = ["jazz", "80s pop with synths and drums", "calm piano"]  # 2, 7 and 3 tokens
     ids, mask = pipe.tokenizer(prompts)
     assert len(set(mask.sum(1).tolist())) == 3  # really different lengths: padding is exercised
-    audio, _, codes = pipe.generate(prompts, duration=0.12, greedy=True, return_codes=True)
+    audio, _, codes = gen(pipe, prompts, duration=0.12, greedy=True)
     for i, p in enumerate(prompts):
-        a1, _, c1 = pipe.generate([p], duration=0.12, greedy=True, return_codes=True)
+        a1, _, c1 = gen(pipe, [p], duration=0.12, greedy=True)
         np.testing.assert_array_equal(codes[i:i + 1], c1, err_msg=f"prompt {i} ({p!r})")
         np.testing.assert_allclose(audio[i:i + 1], a1, atol=1e-5)
     assert len({codes[i].tobytes() for i in range(3)}) == 3  # prompts lead to different tokens
@@ -242,7 +243,7 @@ def test_batch_equals_single_runs(arch: str, mlx_folder) -> None:
 
 def test_stereo_channels_are_mono_decodes_of_even_odd_codebooks(mlx_folder) -> None:
     pipe = load(mlx_folder("stereo"))
-    audio, sr, codes = pipe.generate(["calm piano", "loud rock"], duration=0.12, greedy=True, return_codes=True)
+    audio, sr, codes = gen(pipe, ["calm piano", "loud rock"], duration=0.12, greedy=True)
     assert audio.shape == (2, 2, codes.shape[-1] * 640) and codes.shape[1] == 8
     codec = pipe.model.audio_encoder
     left = np.array(codec.decode(mx.array(codes[:, 0::2])))

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from generation_helpers import gen  # noqa: E402
 import tiny_models
 from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
@@ -89,7 +90,7 @@ def test_quantized_loads_and_generates(q_folder, arch: str, name: str) -> None:
     assert isinstance(pipe.model.text_encoder.blocks[0].attn.q, nn.Linear)
     assert not isinstance(pipe.model.text_encoder.blocks[0].attn.q, nn.QuantizedLinear)
 
-    audio, sr = pipe.generate(["calm piano jazz", "loud rock"], duration=0.1, seed=0)
+    audio, sr, _ = gen(pipe, ["calm piano jazz", "loud rock"], duration=0.1, seed=0)
     assert sr == 32000 and audio.dtype == np.float32
     assert audio.shape == (2, 2 if arch == "stereo" else 1, 5 * 640)
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
@@ -236,7 +237,7 @@ def test_skipped_modules_listed(mlx_folder, hf_folder, tmp_path: Path) -> None:
     for path in (s.split(" ")[0] for s in res.skipped):
         m = _module(pipe.model, path)
         assert not isinstance(m, nn.QuantizedLinear) and m.weight.dtype == mx.float32, path
-    audio, _ = pipe.generate(["calm piano"], duration=0.1, seed=0)
+    audio, _, _ = gen(pipe, ["calm piano"], duration=0.1, seed=0)
     assert audio.shape == (1, 1, 3200)
 
 

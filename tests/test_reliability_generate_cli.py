@@ -161,8 +161,8 @@ class ApiCase:
 API_CASES = [
     ApiCase("empty-prompt-list", lambda p, w: p.generate([], 0.1), ValueError, ("prompts", "at least one")),
     ApiCase("non-string-prompt", lambda p, w: p.generate(["ok", 3], 0.1), ValueError, ("prompts", "string")),
-    ApiCase("duration-inf", lambda p, w: p.generate("x", float("inf")), ValueError, ("--duration", "positive")),
-    ApiCase("top-p-nan", lambda p, w: p.generate("x", 0.1, top_p=float("nan")), ValueError, ("--top-p", "(0, 1]")),
+    ApiCase("duration-inf", lambda p, w: p.generate("x", float("inf")), ValueError, ("duration", "positive")),
+    ApiCase("top-p-nan", lambda p, w: p.generate("x", 0.1, top_p=float("nan")), ValueError, ("top_p", "(0, 1]")),
     ApiCase("melody-silent-waveform", lambda p, w: p.generate("x", 0.1, melody=(np.zeros(SR, np.float32), SR)),
             AudioInputError, ("<waveform>", "silent"), model="melody"),
     ApiCase("melody-bad-rate", lambda p, w: p.generate("x", 0.1, melody=(np.ones(SR, np.float32), 0)),

@@ -522,6 +522,12 @@ def _set_mkl_threads(n: int) -> int | None:
 
 
 # -------------------------------------------------------------------------------- main
+def _generate(pipe, prompts, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Our side of a generation row: audio (B, C, S) and codes (B, K, F) as stacked arrays."""
+    res = pipe.generate(prompts, **kwargs)
+    return np.stack(res.audio), np.stack(res.codes)
+
+
 def run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prompts: Sequence[str] | None = None,
                steps: int = 12, melody: Any = None, audio_prompt: Any = None, seed: int = 0) -> ParityReport:
     """Compare an MLX checkpoint with its transformers source; see the module docstring.
@@ -650,8 +656,7 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     with rows.guard(gen_name, 0):
         ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
                                             max_new_tokens=steps)
-        audio, _, got_codes = pipe.generate(prompts, duration=frames / fr, greedy=True,
-                                            guidance_scale=GUIDANCE, return_codes=True)
+        audio, got_codes = _generate(pipe, prompts, duration=frames / fr, greedy=True, guidance_scale=GUIDANCE)
         rows.add(equal_row(gen_name, got_codes, ref_codes),
                  close_row("greedy audio", audio, ref_audio, TOL_AUDIO),
                  shape_row("output shape", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
@@ -659,7 +664,7 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     # -- EnCodec --------------------------------------------------------------------------
     with rows.guard("EnCodec encode codes", 0):
         wav = codec_test_signal(sr32, 0.5, channels, seed)
-        rows.add(equal_row("EnCodec encode codes", pipe.encode_audio((wav, sr32)), _hf_encode(hf, wav)))
+        rows.add(equal_row("EnCodec encode codes", pipe.encode_audio((wav, sr32))[None], _hf_encode(hf, wav)))
     with rows.guard("EnCodec decode audio", TOL_AUDIO):
         codes = rng.integers(0, 2048, size=(2, n_cb, 20))
         name = "EnCodec decode audio" + (" (L/R = even/odd codebooks)" if channels == 2 else "")
@@ -690,9 +695,8 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
                 kw = {"input_values": torch.from_numpy(np.repeat(wav[None], b, axis=0)).float()}
             ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
                                                 max_new_tokens=new_steps, **kw)
-            audio, _, got_codes = pipe.generate(prompts, duration=total / fr, greedy=True,
-                                                guidance_scale=GUIDANCE, audio_prompt=(wav, sr32),
-                                                return_codes=True)
+            audio, got_codes = _generate(pipe, prompts, duration=total / fr, greedy=True,
+                                         guidance_scale=GUIDANCE, audio_prompt=(wav, sr32))
             rows.add(equal_row("continuation tokens", got_codes, ref_codes),
                      close_row("continuation audio", audio, ref_audio, TOL_AUDIO))
             report.notes.append(f"continuation: {prompt_frames} prompt frames + {total - prompt_frames} new")
@@ -733,22 +737,19 @@ def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, promp
     with rows.guard("melody chroma fed by the pipeline", 0):
         # What generate(melody=...) actually conditions on: the pipeline loads (and resamples)
         # the input itself before the extractor sees it.
-        if hasattr(pipe, "melody_waveforms"):
-            wavs = pipe.melody_waveforms((wav, sr), 1)
-            fed = pipe.melody_chroma(wavs)
-            fed_pre = ChromaExtractor.from_config(pipe.config["melody"]).chroma_features(
-                wavs, pipe.config["melody"]["sampling_rate"])[1]
-        else:  # older pipeline API: melody_chroma(melody, batch)
-            fed, fed_pre = pipe.melody_chroma((wav, sr), 1), None
-        rows.add(equal_row("melody chroma fed by the pipeline", fed, ref_one_hot))
-        if fed_pre is not None:
-            rows.add(close_row("melody chroma fed by the pipeline, pre-argmax", fed_pre, ref_pre, TOL_CHROMA))
+        from mlx_music.runtime.conditioning import melody_waveform
+
+        msr = pipe.config["melody"]["sampling_rate"]
+        wavs = [melody_waveform((wav, sr), msr)]
+        fed, fed_pre = pipe.conditioner.extractor.chroma_features(wavs, msr)
+        rows.add(equal_row("melody chroma fed by the pipeline", fed, ref_one_hot),
+                 close_row("melody chroma fed by the pipeline, pre-argmax", fed_pre, ref_pre, TOL_CHROMA))
     with rows.guard("greedy tokens (melody)", 0):
         feats = torch.from_numpy(np.repeat(ref_one_hot, b, axis=0))
         ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
                                             input_features=feats, max_new_tokens=steps)
-        audio, _, got_codes = pipe.generate(prompts, duration=frames / pipe.frame_rate, greedy=True,
-                                            guidance_scale=GUIDANCE, melody=(wav, sr), return_codes=True)
+        audio, got_codes = _generate(pipe, prompts, duration=frames / pipe.frame_rate, greedy=True,
+                                     guidance_scale=GUIDANCE, melody=(wav, sr))
         rows.add(equal_row("greedy tokens (melody)", got_codes, ref_codes),
                  close_row("greedy audio (melody)", audio, ref_audio, TOL_AUDIO),
                  shape_row("output shape (melody)", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
