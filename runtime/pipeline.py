@@ -80,7 +80,6 @@ class MusicGenPipeline:
         self.pad_id = int(config["decoder"]["pad_token_id"])
         self.vocab_size = int(config["decoder"]["vocab_size"])
         self.is_melody = model.is_melody
-        self.defaults = dict(config.get("generation") or {})
         self.compile_step = True  # False: eager decoder step, for debugging
         self.codec = Codec(model.audio_encoder, self.audio_channels)
         self.conditioner = Conditioner(model, tokenizer, config)
@@ -93,6 +92,11 @@ class MusicGenPipeline:
             self.tokenizer.max_tokens = max(2, min(self.tokenizer.max_tokens, room))
 
     # ---------------------------------------------------------------- limits
+    @property
+    def defaults(self) -> dict:
+        """The checkpoint's generation defaults (config.json "generation"; see sampling.DEFAULTS)."""
+        return self.config.setdefault("generation", {})
+
     @property
     def _max_delay(self) -> int:
         return self.num_codebooks // self.audio_channels - 1
