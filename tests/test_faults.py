@@ -33,9 +33,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import tiny_models  # noqa: E402  (tests/ is on sys.path via conftest)
-from runtime import load  # noqa: E402
-from runtime.audio_io import ProgressiveWavWriter  # noqa: E402
-from runtime.cli import main as cli_main  # noqa: E402
+from mlx_music.runtime import load  # noqa: E402
+from mlx_music.runtime.audio_io import ProgressiveWavWriter  # noqa: E402
+from mlx_music.cli import main as cli_main  # noqa: E402
 
 SR = 32000
 FRAME_RATE = 50
@@ -445,7 +445,7 @@ def _doctor(env_extra: dict | None = None, shim_dir: Path | None = None) -> subp
         env["PYTHONPATH"] = str(shim_dir)
     env.update(env_extra or {})
     exe = shutil.which("mlx-music")
-    cmd = [exe, "doctor"] if exe else [sys.executable, "-m", "runtime.cli", "doctor"]
+    cmd = [exe, "doctor"] if exe else [sys.executable, "-m", "mlx_music.cli", "doctor"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
