@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConvertError, OutputError, SourceError
+from .errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
 from .hf_source import Source, resolve_source
 from .key_rules import Plan, Recipe, build_plan
 from .manifest import Manifest, check_expectations, custom_manifest, detect_variant, load_manifest
-from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json
+from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json, with_config_rules
 from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
@@ -85,6 +85,20 @@ def pick_manifest(facts: dict, variant: str | None, source: str) -> Manifest:
         check_expectations(m, facts, source)
         return m
     return detect_variant(facts)
+
+
+def plan_for(tensors: dict, manifest: Manifest, cfg: dict, source: str) -> Plan:
+    """The conversion plan: the manifest's rules plus the config's own (unused codec quantizer
+    levels dropped), checked against the shapes the config implies."""
+    try:
+        return build_plan(tensors, with_config_rules(manifest.rules, cfg), expected_shapes(cfg))
+    except CompletenessError as e:
+        if cfg.get("source_defaults"):
+            # transformers would fill the same defaults and then fail on the same shape mismatch.
+            fields = ", ".join(f"{k} (transformers' default {v!r})" for k, v in cfg["source_defaults"].items())
+            raise ManifestError(f"{source}: config.json leaves out {fields}, which does not match "
+                                f"the weights: {e}") from None
+        raise
 
 
 def _match_any(patterns: list[str], key: str) -> bool:
@@ -225,7 +239,7 @@ def convert_checkpoint(
     cfg["generation"] = {**cfg["generation"], **{k: v for k, v in manifest.generation.items() if k == "max_duration"}}
 
     reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
-    plan = build_plan(reader.tensors, manifest.rules, expected_shapes(cfg))
+    plan = plan_for(reader.tensors, manifest, cfg, str(source.folder / "config.json"))
     qbits: dict[str, int] = {}
     skipped: list[str] = []
     if quantize is not None:
@@ -338,6 +352,7 @@ def convert_checkpoint(
             "quantization": cfg["quantization"],
             "num_tensors": len(index["weight_map"]),
             "dropped": plan.summary(),
+            "dropped_keys": dict(sorted(plan.dropped.items())),
         }
         (tmp / "README.md").write_text(_model_card(cfg, record))
         for p in sorted(tmp.iterdir()):
