@@ -8,14 +8,18 @@ import), so setting HF_HUB_OFFLINE=1 or HF_HUB_CACHE after import is honoured to
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from mlx_music.runtime.checkpoint import (METADATA_FILES, RECORD, MissingFilesError, checkpoint_problems,
+                                          config_problems, verify_checkpoint)
+
+__all__ = ["ALLOW_PATTERNS", "IncompleteCheckpointError", "ModelNotFoundError", "checkpoint_problems",
+           "resolve_model_path"]
+
 # Everything an MLX checkpoint folder can contain (notes/SPEC.md); nothing else is downloaded.
-ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                  "tokenizer_config.json", "conversion.json", "README.md"]
+ALLOW_PATTERNS = [*METADATA_FILES, "*.safetensors", RECORD]
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -27,45 +31,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 class IncompleteCheckpointError(ModelNotFoundError):
     """The folder exists but is not a complete MLX checkpoint."""
-
-
-def checkpoint_problems(folder: str | Path) -> list[str]:
-    """Cheap completeness check of an MLX checkpoint folder; returns human-readable problems."""
-    folder = Path(folder)
-    problems: list[str] = []
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        problems.append("config.json missing")
-    else:
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"config.json unreadable ({e})")
-        else:
-            if not isinstance(cfg, dict) or cfg.get("format") != "mlx-music":
-                fmt = cfg.get("format") if isinstance(cfg, dict) else None
-                # The usual mistake: pointing at the original PyTorch repo instead of a conversion.
-                problems.append(f"config.json has format {fmt!r}, not 'mlx-music' "
-                                "(not an MLX checkpoint; convert it with `mlx-music convert`)")
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            shards = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            problems.append(f"model.safetensors.index.json unreadable ({e})")
-        else:
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if not shards:
-                problems.append("model.safetensors.index.json lists no shards")
-            if missing:
-                more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-                problems.append(f"missing weight shard(s) {', '.join(missing[:3])}{more}")
-    elif not (folder / "model.safetensors").is_file():
-        problems.append("no weights (model.safetensors.index.json / model.safetensors)")
-    if not (folder / "tokenizer.json").is_file():
-        problems.append("tokenizer.json missing")
-    return problems
 
 
 def _env_true(name: str) -> bool:
@@ -102,9 +67,10 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _check_local(folder: Path, label: str) -> Path:
-    problems = checkpoint_problems(folder)
-    if problems:
-        raise IncompleteCheckpointError(f"{label} is not a complete MLX checkpoint: {'; '.join(problems)}")
+    try:
+        verify_checkpoint(folder, "files")
+    except MissingFilesError as e:
+        raise IncompleteCheckpointError(f"{label} is not a complete MLX checkpoint: {'; '.join(e.problems)}") from None
     return folder
 
 
@@ -174,7 +140,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     # First config.json alone: an unconverted PyTorch repo (e.g. facebook/musicgen-small) is
     # rejected before gigabytes of weights are downloaded.
     head = fetch(["config.json"], revision)
-    problems = [p for p in checkpoint_problems(head) if p.startswith("config.json")]
+    problems = config_problems(head)
     if problems:
         raise IncompleteCheckpointError(f"hub repo {at} is not an MLX checkpoint: {problems[0]}")
     # Pin the second fetch to the commit just resolved, so both come from the same snapshot.
