@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 
 from .errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
-from .hf_source import Source, resolve_source
 from .key_rules import Plan, Recipe, build_plan
 from .manifest import Manifest, check_expectations, custom_manifest, detect_variant, load_manifest
 from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json, with_config_rules
@@ -28,6 +27,7 @@ from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_na
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
 from mlx_music.runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
 __version__ = "0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -188,6 +188,15 @@ def _stale_partials(out: Path) -> None:
 
 
 
+def _resolve_source(hf_path: str, files: dict, revision: str | None) -> Source:
+    """--hf-path through runtime.hub.resolve_source, fetching what the manifest's [files] names."""
+    try:
+        return resolve_source(hf_path, [*files["config"], *files["tokenizer"], *files.get("extra", [])],
+                              {fmt: files["weights"][fmt] for fmt in files["weights_preference"]}, revision)
+    except ModelNotFoundError as e:
+        raise SourceError(str(e)) from None
+
+
 def _license_from_readme(folder: Path) -> str | None:
     readme = folder / "README.md"
     if not readme.exists():
@@ -231,7 +240,7 @@ def convert_checkpoint(
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
 
     base_manifest = load_manifest(variant) if variant else custom_manifest("musicgen")
-    source: Source = resolve_source(str(hf_path), base_manifest.files, revision)
+    source: Source = _resolve_source(str(hf_path), base_manifest.files, revision)
     cfg, facts = load_source_config(source.folder)
     manifest = pick_manifest(facts, variant, str(source.folder / "config.json"))
     cfg["variant"] = manifest.name
