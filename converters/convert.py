@@ -27,10 +27,11 @@ from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_na
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
 from mlx_music.runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
 __version__ = "0.1.0"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -138,7 +139,7 @@ def _output_items(plan: Plan, manifest: Manifest, dtype: str, qbits: dict[str, i
     items: list[tuple[OutputTensor, Recipe, str]] = []
     for key, r in plan.recipes.items():
         target = "float32" if _match_any(keep32, key) else dtype
-        st = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[target]
+        st = FLOAT_DTYPES[target].safetensors
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module in qbits:
             bits = qbits[module]
@@ -154,8 +155,7 @@ def _output_items(plan: Plan, manifest: Manifest, dtype: str, qbits: dict[str, i
 def _quantize(w: np.ndarray, bits: int, group_size: int, dtype: str) -> dict[str, np.ndarray]:
     import mlx.core as mx
 
-    mdt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
-    wq, scales, biases = mx.quantize(mx.array(w).astype(mdt), group_size=group_size, bits=bits)
+    wq, scales, biases = mx.quantize(mx.array(w).astype(FLOAT_DTYPES[dtype].mlx), group_size=group_size, bits=bits)
     out = {"weight": np.array(wq)}
     for name, a in (("scales", scales), ("biases", biases)):
         a = a.astype(mx.float32)

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .convert import DTYPES, QuantizeOptions, convert_checkpoint
+from .convert import QuantizeOptions, convert_checkpoint
 from .errors import ConvertError
 from .manifest import load_manifest, variant_names
 from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
+from mlx_music.runtime.dtypes import FLOAT_DTYPES
 
 STATUSES = ("converted", "skipped", "failed")
-_DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
 _DEFAULT_GROUP_SIZE = 64
 
 
@@ -46,7 +46,7 @@ class Row:
 def output_name(variant: str, dtype: str = "float32", quantize: QuantizeOptions | None = None) -> str:
     """Folder name for one variant + options; every option that changes the weights is in it, so
     different settings never overwrite each other."""
-    name = variant + _DTYPE_SUFFIX[dtype]
+    name = variant + ("" if dtype == "float32" else f"-{FLOAT_DTYPES[dtype].short}")
     if quantize is not None:
         name += f"-{quantize.recipe}" if quantize.recipe else f"-{quantize.bits}bit"
         if quantize.group_size != _DEFAULT_GROUP_SIZE:
@@ -128,8 +128,8 @@ def convert_all(
     (recorded as variant null, reported as "custom"). That mode exists for sources that are
     MusicGen-shaped but not the real checkpoints, e.g. the tiny fixtures the tests put in hf_root.
     """
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     names = list(variants) if variants is not None else variant_names()
     # Unknown names fail up front: a typo should not surface hours into a run.
     manifests = {name: load_manifest(name) for name in names}
