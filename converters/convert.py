@@ -19,18 +19,19 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConvertError, OutputError, SourceError
-from .hf_source import Source, resolve_source
+from .errors import CompletenessError, ConvertError, ManifestError, OutputError, SourceError
 from .key_rules import Plan, Recipe, build_plan
 from .manifest import Manifest, check_expectations, custom_manifest, detect_variant, load_manifest
-from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json
+from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_json, with_config_rules
 from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
 from mlx_music.runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.dtypes import DTYPE_NAMES, FLOAT_DTYPES
+from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
 __version__ = "0.1.0"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -87,6 +88,20 @@ def pick_manifest(facts: dict, variant: str | None, source: str) -> Manifest:
     return detect_variant(facts)
 
 
+def plan_for(tensors: dict, manifest: Manifest, cfg: dict, source: str) -> Plan:
+    """The conversion plan: the manifest's rules plus the config's own (unused codec quantizer
+    levels dropped), checked against the shapes the config implies."""
+    try:
+        return build_plan(tensors, with_config_rules(manifest.rules, cfg), expected_shapes(cfg))
+    except CompletenessError as e:
+        if cfg.get("source_defaults"):
+            # transformers would fill the same defaults and then fail on the same shape mismatch.
+            fields = ", ".join(f"{k} (transformers' default {v!r})" for k, v in cfg["source_defaults"].items())
+            raise ManifestError(f"{source}: config.json leaves out {fields}, which does not match "
+                                f"the weights: {e}") from None
+        raise
+
+
 def _match_any(patterns: list[str], key: str) -> bool:
     return any(re.search(p, key) for p in patterns)
 
@@ -124,7 +139,7 @@ def _output_items(plan: Plan, manifest: Manifest, dtype: str, qbits: dict[str, i
     items: list[tuple[OutputTensor, Recipe, str]] = []
     for key, r in plan.recipes.items():
         target = "float32" if _match_any(keep32, key) else dtype
-        st = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[target]
+        st = FLOAT_DTYPES[target].safetensors
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module in qbits:
             bits = qbits[module]
@@ -140,8 +155,7 @@ def _output_items(plan: Plan, manifest: Manifest, dtype: str, qbits: dict[str, i
 def _quantize(w: np.ndarray, bits: int, group_size: int, dtype: str) -> dict[str, np.ndarray]:
     import mlx.core as mx
 
-    mdt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
-    wq, scales, biases = mx.quantize(mx.array(w).astype(mdt), group_size=group_size, bits=bits)
+    wq, scales, biases = mx.quantize(mx.array(w).astype(FLOAT_DTYPES[dtype].mlx), group_size=group_size, bits=bits)
     out = {"weight": np.array(wq)}
     for name, a in (("scales", scales), ("biases", biases)):
         a = a.astype(mx.float32)
@@ -172,6 +186,15 @@ def _stale_partials(out: Path) -> None:
         if not _pid_alive(p.name):
             shutil.rmtree(p, ignore_errors=True)
 
+
+
+def _resolve_source(hf_path: str, files: dict, revision: str | None) -> Source:
+    """--hf-path through runtime.hub.resolve_source, fetching what the manifest's [files] names."""
+    try:
+        return resolve_source(hf_path, [*files["config"], *files["tokenizer"], *files.get("extra", [])],
+                              {fmt: files["weights"][fmt] for fmt in files["weights_preference"]}, revision)
+    except ModelNotFoundError as e:
+        raise SourceError(str(e)) from None
 
 
 def _license_from_readme(folder: Path) -> str | None:
@@ -217,7 +240,7 @@ def convert_checkpoint(
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
 
     base_manifest = load_manifest(variant) if variant else custom_manifest("musicgen")
-    source: Source = resolve_source(str(hf_path), base_manifest.files, revision)
+    source: Source = _resolve_source(str(hf_path), base_manifest.files, revision)
     cfg, facts = load_source_config(source.folder)
     manifest = pick_manifest(facts, variant, str(source.folder / "config.json"))
     cfg["variant"] = manifest.name
@@ -225,7 +248,7 @@ def convert_checkpoint(
     cfg["generation"] = {**cfg["generation"], **{k: v for k, v in manifest.generation.items() if k == "max_duration"}}
 
     reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
-    plan = build_plan(reader.tensors, manifest.rules, expected_shapes(cfg))
+    plan = plan_for(reader.tensors, manifest, cfg, str(source.folder / "config.json"))
     qbits: dict[str, int] = {}
     skipped: list[str] = []
     if quantize is not None:
@@ -338,6 +361,7 @@ def convert_checkpoint(
             "quantization": cfg["quantization"],
             "num_tensors": len(index["weight_map"]),
             "dropped": plan.summary(),
+            "dropped_keys": dict(sorted(plan.dropped.items())),
         }
         (tmp / "README.md").write_text(_model_card(cfg, record))
         for p in sorted(tmp.iterdir()):

@@ -5,9 +5,10 @@ Each variant goes to `out_dir/<variant>[-<dtype>][-<quantization>]`, e.g. `music
 
 Resumable by construction: `convert_checkpoint` builds each output in a temporary folder and renames
 it into place only when complete, so an interrupted run leaves no half-written output. On the next
-run an output is skipped only when it verifies: every file its `conversion.json` lists exists with
-the recorded size and sha256, every weight shard is listed, and the recorded options (dtype,
-quantization, variant, source) are the ones asked for; anything else is converted again.
+run an output is skipped only when the recorded options (dtype, quantization, variant, source) are
+the ones asked for and the folder passes runtime.checkpoint.verify_checkpoint at level "exact"
+(every checkpoint file listed in `conversion.json` with its size and sha256); anything else is
+converted again.
 
 A variant that fails (missing source, manifest mismatch, corrupt weights, disk full, ...) is
 reported in its row and the others still run; Ctrl-C stops the whole run.
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .convert import DTYPES, QuantizeOptions, convert_checkpoint
+from .convert import QuantizeOptions, convert_checkpoint
 from .errors import ConvertError
 from .manifest import load_manifest, variant_names
-from mlx_music.runtime.checksums import sha256_file as _sha256
+from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
+from mlx_music.runtime.dtypes import FLOAT_DTYPES
 
 STATUSES = ("converted", "skipped", "failed")
-_DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
 _DEFAULT_GROUP_SIZE = 64
 
 
@@ -45,7 +46,7 @@ class Row:
 def output_name(variant: str, dtype: str = "float32", quantize: QuantizeOptions | None = None) -> str:
     """Folder name for one variant + options; every option that changes the weights is in it, so
     different settings never overwrite each other."""
-    name = variant + _DTYPE_SUFFIX[dtype]
+    name = variant + ("" if dtype == "float32" else f"-{FLOAT_DTYPES[dtype].short}")
     if quantize is not None:
         name += f"-{quantize.recipe}" if quantize.recipe else f"-{quantize.bits}bit"
         if quantize.group_size != _DEFAULT_GROUP_SIZE:
@@ -69,19 +70,15 @@ def verify_output(folder: Path, *, dtype: str, quantize: QuantizeOptions | None,
     `variant` None accepts any recorded manifest (auto-detected conversions); `source` is the hub
     repo id or the resolved local folder the output must have been converted from.
     """
-    record_path = folder / "conversion.json"
+    record_path = folder / RECORD
     if not record_path.is_file():
-        return "no conversion.json (not a finished mlx-music conversion)"
+        return f"no {RECORD} (not a finished mlx-music conversion)"
     try:
         record = json.loads(record_path.read_text())
-        files: dict = record["files"]
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        shards = set(index["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"conversion record or index unreadable ({type(e).__name__}: {e})"
-    unlisted = sorted(shards - files.keys())
-    if unlisted:
-        return f"weight shard {unlisted[0]} is not in conversion.json"
+    except (OSError, ValueError) as e:
+        return f"conversion record unreadable ({type(e).__name__}: {e})"
+    if not isinstance(record, dict):
+        return f"conversion record unreadable ({RECORD} is not a JSON object)"
     # Cheap checks first, so options mismatches don't pay for hashing gigabytes.
     if record.get("dtype") != dtype:
         return f"recorded dtype {record.get('dtype')!r} differs from {dtype!r}"
@@ -94,15 +91,10 @@ def verify_output(folder: Path, *, dtype: str, quantize: QuantizeOptions | None,
     src = record.get("source", {})
     if source not in (src.get("repo_id"), src.get("path")):
         return f"converted from {src.get('repo_id') or src.get('path')}, not {source}"
-    for name, meta in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            return f"{name} missing"
-        if path.stat().st_size != meta.get("size"):
-            return f"{name}: size differs from the conversion record"
-    for name, meta in sorted(files.items()):
-        if _sha256(folder / name) != meta.get("sha256"):
-            return f"{name}: sha256 differs from the conversion record"
+    try:
+        verify_checkpoint(folder, "exact")
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
@@ -136,8 +128,8 @@ def convert_all(
     (recorded as variant null, reported as "custom"). That mode exists for sources that are
     MusicGen-shaped but not the real checkpoints, e.g. the tiny fixtures the tests put in hf_root.
     """
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     names = list(variants) if variants is not None else variant_names()
     # Unknown names fail up front: a typo should not surface hours into a run.
     manifests = {name: load_manifest(name) for name in names}

@@ -62,14 +62,14 @@ def _inspect_hf(folder: Path) -> dict:
     from .convert import load_source_config
     from .key_rules import build_plan, diff_against_expected
     from .manifest import detect_variant
-    from .mlx_config import expected_shapes
+    from .mlx_config import expected_shapes, with_config_rules
     from .shard_reader import CheckpointReader
 
     cfg, facts = load_source_config(folder)
     manifest = detect_variant(facts)
     reader = CheckpointReader(folder, prefer=tuple(manifest.files["weights_preference"]))
     infos = reader.tensors.values()
-    plan = build_plan(reader.tensors, manifest.rules, None, strict=False)
+    plan = build_plan(reader.tensors, with_config_rules(manifest.rules, cfg), None, strict=False)
     return {
         "path": str(folder), "format": f"huggingface ({reader.layout})",
         "variant": manifest.name or "custom", "model_type": cfg["model_type"],

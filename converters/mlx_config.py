@@ -25,11 +25,32 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _get(cfg: dict, key: str, source: str, section: str, default: Any = ...) -> Any:
+# transformers' own defaults (T5Config, EncodecConfig, MusicgenDecoderConfig in 5.x) for fields a
+# config.json may leave out: transformers loads such a file with these values, so the converter does
+# too instead of refusing it. When a default contradicts the weights, transformers fails on the shape
+# mismatch and so does the converter (convert.py names the defaulted field).
+TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "text_encoder": {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6,
+                     "num_heads": 8},
+    "audio_encoder": {"sampling_rate": 24000, "upsampling_ratios": [8, 5, 4, 2],
+                      "target_bandwidths": [1.5, 3.0, 6.0, 12.0, 24.0], "codebook_size": 1024,
+                      "num_filters": 32, "hidden_size": 128},
+    "decoder": {"vocab_size": 2048, "hidden_size": 1024, "num_hidden_layers": 24,
+                "num_attention_heads": 16, "ffn_dim": 4096, "num_codebooks": 4},
+}
+
+
+def _get(cfg: dict, key: str, source: str, section: str, default: Any = ...,
+         defaulted: dict | None = None) -> Any:
     if key in cfg and cfg[key] is not None:
         return cfg[key]
     if default is not ...:
         return default
+    hf_default = TRANSFORMERS_DEFAULTS.get(section, {}).get(key, ...)
+    if hf_default is not ...:
+        if defaulted is not None:
+            defaulted[f"{section}.{key}"] = hf_default
+        return hf_default
     raise ManifestError(f"{source}: config.json is missing required field {section}.{key}")
 
 
@@ -44,14 +65,15 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
         if not isinstance(hf.get(section), dict):
             raise ManifestError(f"{source}: config.json is missing required section {section!r}")
     t5, enc, dec = hf["text_encoder"], hf["audio_encoder"], hf["decoder"]
-    g = lambda c, k, s, d=...: _get(c, k, source, s, d)  # noqa: E731
+    defaulted: dict[str, Any] = {}  # "section.field" -> transformers' default used for it
+    g = lambda c, k, s, d=...: _get(c, k, source, s, d, defaulted)  # noqa: E731
 
     d_model = g(t5, "d_model", "text_encoder")
     num_heads = g(t5, "num_heads", "text_encoder")
     text = {
         "vocab_size": g(t5, "vocab_size", "text_encoder"),
         "d_model": d_model,
-        "d_kv": g(t5, "d_kv", "text_encoder", d_model // num_heads),
+        "d_kv": g(t5, "d_kv", "text_encoder"),  # T5Config's default is 64, not d_model // num_heads
         "d_ff": g(t5, "d_ff", "text_encoder"),
         "num_layers": g(t5, "num_layers", "text_encoder"),
         "num_heads": num_heads,
@@ -72,7 +94,7 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
     bandwidths = g(enc, "target_bandwidths", "audio_encoder")
     codebook_size = g(enc, "codebook_size", "audio_encoder")
     # transformers' EncodecConfig.num_quantizers: bandwidth / (frame rate x bits per code)
-    num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(codebook_size))))
+    codec_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(codebook_size))))
     audio = {
         "sampling_rate": sr,
         "audio_channels": g(enc, "audio_channels", "audio_encoder", 1),
@@ -89,7 +111,8 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
         "use_conv_shortcut": bool(g(enc, "use_conv_shortcut", "audio_encoder", True)),
         "codebook_size": codebook_size,
         "codebook_dim": g(enc, "codebook_dim", "audio_encoder", None) or g(enc, "hidden_size", "audio_encoder"),
-        "num_quantizers": num_quantizers,
+        "num_quantizers": codec_quantizers,  # set below to the levels the decoder uses
+        "codec_num_quantizers": codec_quantizers,  # informational: what the source codec holds
         "pad_mode": g(enc, "pad_mode", "audio_encoder", "reflect"),
         "use_causal_conv": bool(g(enc, "use_causal_conv", "audio_encoder", True)),
         "normalize": bool(g(enc, "normalize", "audio_encoder", False)),
@@ -107,15 +130,24 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
     codebooks = g(dec, "num_codebooks", "decoder")
     if channels not in (1, 2):
         raise ManifestError(f"{source}: decoder.audio_channels must be 1 or 2, got {channels}")
-    if codebooks != channels * num_quantizers:
+    # transformers encodes and decodes with the first num_codebooks / audio_channels quantizers of
+    # the codec (a codec may hold more, e.g. codebook_size 64 gives 7 at 2.2 kbps). It fails only
+    # when the decoder needs more levels than the codec has, or when stereo codebooks don't split
+    # evenly between the channels.
+    if codebooks < 1 or codebooks % channels or codebooks // channels > codec_quantizers:
         raise ManifestError(f"{source}: decoder.num_codebooks = {codebooks} but audio_channels "
-                            f"{channels} x {num_quantizers} quantizers needs {channels * num_quantizers}")
+                            f"{channels} x {codec_quantizers} codec quantizers needs "
+                            f"{channels * codec_quantizers} or fewer, a multiple of {channels}")
+    audio["num_quantizers"] = codebooks // channels
     vocab = g(dec, "vocab_size", "decoder")
-    if vocab != codebook_size:
-        raise ManifestError(f"{source}: decoder.vocab_size {vocab} != audio_encoder.codebook_size "
-                            f"{codebook_size}")
+    if vocab > codebook_size:
+        # Fewer decoder tokens than codewords is fine (the codec just never sees the others); more
+        # would make transformers index past the codebook when decoding.
+        raise ManifestError(f"{source}: decoder.vocab_size {vocab} > audio_encoder.codebook_size "
+                            f"{codebook_size}: the codec cannot decode tokens >= {codebook_size}")
     act = dec.get("activation_function", "gelu")
     if act != "gelu":
+        # transformers would run another activation; the MLX decoder implements GELU only.
         raise ManifestError(f"{source}: decoder.activation_function {act!r} unsupported; expected 'gelu'")
     melody = model_type == "musicgen_melody"
     decoder = {
@@ -131,10 +163,10 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
         "bos_token_id": g(dec, "bos_token_id", "decoder", vocab),
         "layer_norm_eps": 1e-5,
         "cross_attention": not melody,
-        "scale_embedding": bool(dec.get("scale_embedding", False)),
+        # transformers' Musicgen(Melody) decoder computes embed_scale from scale_embedding but never
+        # applies it, so the flag changes nothing there and nothing here.
+        "scale_embedding": False,
     }
-    if decoder["scale_embedding"]:
-        raise ManifestError(f"{source}: decoder.scale_embedding=true is not supported")
 
     gen = {"guidance_scale": 3.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0,
            "do_sample": True, "max_duration": 30.0}
@@ -150,6 +182,8 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
         "text_encoder": text, "decoder": decoder, "audio_encoder": audio,
         "melody": None, "generation": gen, "dtype": "float32", "quantization": None,
     }
+    if defaulted:
+        cfg["source_defaults"] = defaulted  # fields config.json left out: transformers' defaults
     if melody:
         pre = preprocessor or {}
         cfg["melody"] = {
@@ -159,6 +193,23 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
             "sampling_rate": pre.get("sampling_rate", 32000), "chunk_length": pre.get("chunk_length", 30),
         }
     return cfg
+
+
+def config_rules(cfg: dict) -> dict[str, list[dict[str, Any]]]:
+    """Key rules this config adds to the manifest's: drop the codec's quantizer levels beyond
+    the ones the decoder uses (transformers never touches them)."""
+    used = cfg["audio_encoder"]["num_quantizers"]
+    keep = "|".join(str(q) for q in range(used))
+    return {"drop": [{"name": "codec-quantizers-unused-by-decoder",
+                      "pattern": rf"^audio_encoder\.quantizer\.layers\.(?!(?:{keep})\.)\d+\."}]}
+
+
+def with_config_rules(rules: dict, cfg: dict) -> dict:
+    """The manifest's rules plus config_rules(cfg) (lists concatenate)."""
+    out = dict(rules)
+    for kind, extra in config_rules(cfg).items():
+        out[kind] = list(out.get(kind, [])) + extra
+    return out
 
 
 def config_facts(cfg: dict) -> dict[str, Any]:

@@ -15,15 +15,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from mlx_music.runtime.hub import checkpoint_problems
+from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
 
 from .model_card import REPO_PLACEHOLDER
-from mlx_music.runtime.checksums import sha256_file as _sha256
 
-# Files an MLX checkpoint may hold besides its weight shards (notes/SPEC.md).
-_META_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-               "README.md")
-_RECORD = "conversion.json"
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -59,67 +54,21 @@ def find_token(token: str | None = None) -> str | None:
 
 
 
-def _load_record(folder: Path) -> dict:
-    path = folder / _RECORD
-    if not path.is_file():
-        raise PublishError(f"{folder}: {_RECORD} missing (not produced by `mlx-music convert`?)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PublishError(f"{folder}: {_RECORD} unreadable ({e})") from None
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not files or not all(
-            isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
-            for m in files.values()):
-        raise PublishError(f"{folder}: {_RECORD} has no valid 'files' manifest (name -> sha256, size)")
-    return record
-
-
-def _required_files(folder: Path) -> list[str]:
-    """Checkpoint files that must be covered by the record: metadata present + every indexed shard."""
-    names = {n for n in _META_FILES if (folder / n).is_file()}
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names |= set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    names |= {p.name for p in folder.glob("*.safetensors")}
-    return sorted(names)
-
-
-def validate_folder(folder: str | Path, *, check_sha256: bool = True) -> list[tuple[str, int]]:
+def validate_folder(folder: str | Path) -> list[tuple[str, int]]:
     """Validate an MLX checkpoint folder for publishing; return [(relative path, size)] to upload.
 
-    Raises PublishError (one line) on the first category of problem found. Sizes are checked for all
-    files before any sha256 is computed, so a truncated copy fails fast.
+    The folder must pass runtime.checkpoint.verify_checkpoint at level "exact": every checkpoint
+    file listed in conversion.json with the size and sha256 it has. Raises PublishError (one line).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"{folder}: not a folder")
-    problems = checkpoint_problems(folder)
-    if problems:
-        raise PublishError(f"{folder} is not a complete MLX checkpoint: {'; '.join(problems)}")
-    files = _load_record(folder)["files"]
-    for name in files:
-        # The record is data from disk: never let it point outside the folder.
-        if Path(name).is_absolute() or ".." in Path(name).parts or name == _RECORD:
-            raise PublishError(f"{folder}: {_RECORD} lists an invalid file name {name!r}")
-    unrecorded = [n for n in _required_files(folder) if n not in files]
-    if unrecorded:
-        raise PublishError(f"{folder}: {', '.join(unrecorded)} not listed in {_RECORD} (cannot verify)")
-    missing = [n for n in files if not (folder / n).is_file()]
-    if missing:
-        raise PublishError(f"{folder}: file(s) listed in {_RECORD} missing: {', '.join(sorted(missing))}")
-    for name, meta in sorted(files.items()):
-        size = (folder / name).stat().st_size
-        if size != meta["size"]:
-            raise PublishError(f"{folder}/{name}: size {size} != {meta['size']} recorded in {_RECORD} "
-                               "(incomplete copy or modified after conversion)")
-    if check_sha256:
-        for name, meta in sorted(files.items()):
-            if _sha256(folder / name) != meta["sha256"].lower():
-                raise PublishError(f"{folder}/{name}: sha256 differs from {_RECORD} "
-                                   "(corrupted or modified after conversion)")
+    try:
+        files = verify_checkpoint(folder, "exact").record["files"]
+    except CheckpointError as e:
+        raise PublishError(str(e)) from None
     plan = [(n, files[n]["size"]) for n in sorted(files)]
-    plan.append((_RECORD, (folder / _RECORD).stat().st_size))
+    plan.append((RECORD, (folder / RECORD).stat().st_size))
     return sorted(plan)
 
 
@@ -133,9 +82,9 @@ def _card_fill(folder: Path, repo_id: str) -> dict[str, bytes]:
     if REPO_PLACEHOLDER not in text:
         return {}
     new = text.replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")
-    record = json.loads((folder / _RECORD).read_text(encoding="utf-8"))
+    record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     record["files"]["README.md"] = {"sha256": hashlib.sha256(new).hexdigest(), "size": len(new)}
-    return {"README.md": new, _RECORD: (json.dumps(record, indent=2) + "\n").encode("utf-8")}
+    return {"README.md": new, RECORD: (json.dumps(record, indent=2) + "\n").encode("utf-8")}
 
 
 def _fnmatch_escape(name: str) -> str:

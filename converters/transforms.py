@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlx_music.runtime.dtypes import FLOAT_DTYPES
+
 
 def fuse_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     """w = g * v / ||v||, the norm taken over every axis but 0 (PyTorch's weight_norm dim=0).
@@ -45,10 +47,8 @@ def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
 def cast(x: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
     """Return (array whose raw bytes are the tensor, safetensors dtype name)."""
-    if dtype == "float32":
-        return x.astype(np.float32, copy=False), "F32"
-    if dtype == "float16":
-        return x.astype(np.float16), "F16"
-    if dtype == "bfloat16":
-        return to_bfloat16_bits(x), "BF16"
-    raise ValueError(f"unsupported dtype {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}")
+    # numpy has no bfloat16: its bits travel as uint16.
+    raw = to_bfloat16_bits(x) if dtype == "bfloat16" else x.astype(getattr(np, dtype), copy=False)
+    return raw, FLOAT_DTYPES[dtype].safetensors

@@ -220,6 +220,19 @@ def _prepare_output(audio: Any, source: str) -> np.ndarray:
     return arr
 
 
+def _ready_for_subtype(arr: np.ndarray, subtype: str) -> np.ndarray:
+    """Float32 ``[C, S]`` as every writer hands it to libsndfile: clipped to [-1, 1] for integer
+    formats (libsndfile would otherwise wrap loud peaks around to the opposite sign).
+
+    Every float -> PCM conversion in this package is libsndfile's own (``save_audio`` and
+    ``ProgressiveWavWriter`` both write through soundfile), so offline and streamed files hold the
+    same samples; never scale by 32767 / 32768 by hand.
+    """
+    if subtype not in ("FLOAT", "DOUBLE"):
+        arr = np.clip(arr, -1.0, 1.0)
+    return np.ascontiguousarray(arr.T, dtype=np.float32)
+
+
 def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str | None = None) -> Path:
     """Write ``[C, S]`` or ``[S]`` audio; format from the extension (.wav/.flac/.ogg).
 
@@ -231,10 +244,8 @@ def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str |
     fmt, default_subtype = _check_output_path(path, SUPPORTED_OUTPUT_EXTENSIONS)
     subtype = subtype or default_subtype
     arr = _prepare_output(audio, str(path))
-    if subtype not in ("FLOAT", "DOUBLE"):
-        arr = np.clip(arr, -1.0, 1.0)
     try:
-        sf.write(str(path), np.ascontiguousarray(arr.T), int(sr), format=fmt, subtype=subtype)
+        sf.write(str(path), _ready_for_subtype(arr, subtype), int(sr), format=fmt, subtype=subtype)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
         raise AudioInputError(path, f"cannot write audio ({err})") from None
     return path
@@ -243,10 +254,13 @@ def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str |
 class ProgressiveWavWriter:
     """Append chunks to a WAV file that is complete and valid after every chunk.
 
-    The RIFF header is written by hand and its size fields are rewritten after
-    each chunk, so a player or another process can open the file mid-generation
-    (streaming). ``subtype`` is ``"PCM_16"`` (default) or ``"FLOAT"`` (32-bit
-    IEEE float, with the ``fact`` chunk the WAV spec asks for).
+    A player or another process can open the file mid-generation (streaming).
+    ``subtype`` is ``"PCM_16"`` (default) or ``"FLOAT"`` (32-bit IEEE float, with
+    the ``fact`` chunk the WAV spec asks for). PCM_16 is written through
+    libsndfile (soundfile), whose header is brought up to date by a flush after
+    every chunk, so its float -> PCM conversion is exactly ``save_audio``'s. FLOAT
+    needs no conversion; its RIFF header is written by hand and rewritten after
+    each chunk.
     Chunks are ``[channels, n]`` (or ``[n]`` for mono).
     """
 
@@ -264,8 +278,17 @@ class ProgressiveWavWriter:
         self.subtype = subtype
         self._tag, self._width = self._SUBTYPES[subtype]
         self.frames = 0
-        self._fh: BinaryIO | None = open(self.path, "wb")
-        self._write_header()
+        self._fh: BinaryIO | None = None
+        self._sf: sf.SoundFile | None = None
+        if self._tag == 1:
+            try:
+                self._sf = sf.SoundFile(str(self.path), "w", self.sr, self.channels, subtype=subtype, format="WAV")
+            except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
+                raise AudioInputError(self.path, f"cannot write audio ({err})") from None
+            self._sf.flush()
+        else:
+            self._fh = open(self.path, "wb")
+            self._write_header()
 
     # Header layout: RIFF(12) + fmt chunk (8 + 16 PCM / 8 + 18 float) [+ fact (12)] + data header (8).
     def _header(self) -> bytes:
@@ -294,7 +317,7 @@ class ProgressiveWavWriter:
 
     def write(self, chunk: Any) -> None:
         """Append ``[channels, n]`` samples and make the file consistent again."""
-        if self._fh is None:
+        if self._fh is None and self._sf is None:
             raise AudioInputError(self.path, "writer is closed")
         arr = _as_float32(_to_numpy(chunk), str(self.path))
         if arr.ndim == 1:
@@ -310,13 +333,14 @@ class ProgressiveWavWriter:
         new_bytes = (self.frames + arr.shape[1]) * self.channels * self._width
         if new_bytes + 64 > 0xFFFFFFFF:
             raise AudioInputError(self.path, "WAV files cannot exceed 4 GiB")
-        if self._tag == 1:
-            # Round to nearest and clip, as libsndfile does for float -> PCM_16.
-            pcm = np.clip(np.rint(arr.astype(np.float64) * 32767.0), -32768, 32767).astype("<i2")
-            payload = np.ascontiguousarray(pcm.T).tobytes()
-        else:
-            payload = np.ascontiguousarray(arr.T, dtype="<f4").tobytes()
-        self._fh.write(payload)
+        if self._sf is not None:
+            # libsndfile's float -> PCM_16, as save_audio; flush rewrites the header's sizes.
+            self._sf.write(_ready_for_subtype(arr, self.subtype))
+            self._sf.flush()
+            self.frames += arr.shape[1]
+            return
+        assert self._fh is not None
+        self._fh.write(np.ascontiguousarray(arr.T, dtype="<f4").tobytes())
         self.frames += arr.shape[1]
         self._write_header()
 
@@ -326,6 +350,9 @@ class ProgressiveWavWriter:
         return self.frames / self.sr
 
     def close(self) -> None:
+        if self._sf is not None:
+            self._sf.close()
+            self._sf = None
         if self._fh is not None:
             self._write_header()
             self._fh.close()

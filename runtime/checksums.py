@@ -6,10 +6,7 @@ import hashlib
 from pathlib import Path
 
 
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (weight shards are GBs)."""
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed by hashlib.file_digest (weight shards are GBs)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -1,4 +1,5 @@
-"""Resolve `--model` (a local MLX checkpoint folder or a Hugging Face hub repo id) to a folder.
+"""Resolve a local folder or a Hugging Face hub repo id to a local folder: `--model` (an MLX
+checkpoint, resolve_model_path) and `convert --hf-path` (a PyTorch checkpoint, resolve_source).
 
 Hub repos are fetched with `huggingface_hub.snapshot_download`, restricted to the files an MLX
 checkpoint needs, so the standard HF cache (HF_HOME / HF_HUB_CACHE), tokens and offline mode all
@@ -8,14 +9,20 @@ import), so setting HF_HUB_OFFLINE=1 or HF_HUB_CACHE after import is honoured to
 
 from __future__ import annotations
 
-import json
+import fnmatch
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_music.runtime.checkpoint import (METADATA_FILES, RECORD, MissingFilesError, checkpoint_problems,
+                                          config_problems, verify_checkpoint)
+
+__all__ = ["ALLOW_PATTERNS", "IncompleteCheckpointError", "ModelNotFoundError", "Source", "checkpoint_problems",
+           "resolve_model_path", "resolve_source"]
+
 # Everything an MLX checkpoint folder can contain (notes/SPEC.md); nothing else is downloaded.
-ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                  "tokenizer_config.json", "conversion.json", "README.md"]
+ALLOW_PATTERNS = [*METADATA_FILES, "*.safetensors", RECORD]
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -27,45 +34,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 class IncompleteCheckpointError(ModelNotFoundError):
     """The folder exists but is not a complete MLX checkpoint."""
-
-
-def checkpoint_problems(folder: str | Path) -> list[str]:
-    """Cheap completeness check of an MLX checkpoint folder; returns human-readable problems."""
-    folder = Path(folder)
-    problems: list[str] = []
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        problems.append("config.json missing")
-    else:
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"config.json unreadable ({e})")
-        else:
-            if not isinstance(cfg, dict) or cfg.get("format") != "mlx-music":
-                fmt = cfg.get("format") if isinstance(cfg, dict) else None
-                # The usual mistake: pointing at the original PyTorch repo instead of a conversion.
-                problems.append(f"config.json has format {fmt!r}, not 'mlx-music' "
-                                "(not an MLX checkpoint; convert it with `mlx-music convert`)")
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            shards = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            problems.append(f"model.safetensors.index.json unreadable ({e})")
-        else:
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if not shards:
-                problems.append("model.safetensors.index.json lists no shards")
-            if missing:
-                more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-                problems.append(f"missing weight shard(s) {', '.join(missing[:3])}{more}")
-    elif not (folder / "model.safetensors").is_file():
-        problems.append("no weights (model.safetensors.index.json / model.safetensors)")
-    if not (folder / "tokenizer.json").is_file():
-        problems.append("tokenizer.json missing")
-    return problems
 
 
 def _env_true(name: str) -> bool:
@@ -102,10 +70,90 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _check_local(folder: Path, label: str) -> Path:
-    problems = checkpoint_problems(folder)
-    if problems:
-        raise IncompleteCheckpointError(f"{label} is not a complete MLX checkpoint: {'; '.join(problems)}")
+    try:
+        verify_checkpoint(folder, "files")
+    except MissingFilesError as e:
+        raise IncompleteCheckpointError(f"{label} is not a complete MLX checkpoint: {'; '.join(e.problems)}") from None
     return folder
+
+
+def _local_folder(raw: str, revision: str | None, what: str, kind: str) -> Path | None:
+    """The existing local folder `raw`, None when `raw` can only be a hub repo id; else raise."""
+    local = Path(os.path.expanduser(raw))
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{what} path {raw} is a file; expected {kind} folder")
+        if revision is not None:
+            raise ModelNotFoundError(f"--revision {revision} only applies to hub repo ids, not the local folder {raw}")
+        return local
+    if _looks_like_path(raw):
+        raise ModelNotFoundError(f"{what} folder {raw} does not exist (and it is not a valid hub repo id 'org/name')")
+    return None
+
+
+class _HubRepo:
+    """One hub repo id at a revision, read through huggingface_hub with the settings of the current
+    environment; every huggingface_hub failure becomes a one-line ModelNotFoundError."""
+
+    def __init__(self, repo_id: str, revision: str | None, token: str | bool | None, cache_dir: str | Path | None):
+        self.repo_id, self.revision, self.token = repo_id, revision, token
+        self.offline = is_offline()
+        # huggingface_hub freezes HF_ENDPOINT at import (and builds file URLs from it): read it now.
+        self.endpoint = os.environ.get("HF_ENDPOINT") or None
+        self.cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+        self.at = f"{repo_id}@{revision or 'main'}"
+
+    def _call(self, fn):
+        try:
+            from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
+                                                LocalEntryNotFoundError, RepositoryNotFoundError,
+                                                RevisionNotFoundError)
+        except ImportError as e:  # pragma: no cover - huggingface_hub is a hard dependency
+            raise ModelNotFoundError(f"{self.repo_id}: huggingface_hub is needed to download hub models ({e})") from None
+        raw, at, where = self.repo_id, self.at, f"the local Hugging Face cache ({self.cache})"
+        try:
+            return fn()
+        except RevisionNotFoundError:
+            raise ModelNotFoundError(f"revision {self.revision!r} not found in hub repo {raw}") from None
+        except GatedRepoError:
+            raise ModelNotFoundError(f"hub repo {raw} is gated: accept its terms on the Hub and log in "
+                                     "(`hf auth login` or HF_TOKEN)") from None
+        except RepositoryNotFoundError:
+            raise ModelNotFoundError(f"hub repo {raw} not found (or private: log in with `hf auth login` "
+                                     "or set HF_TOKEN)") from None
+        except IncompleteSnapshotError as e:
+            raise IncompleteCheckpointError(f"{at}: {str(e).splitlines()[0]}") from None
+        except LocalEntryNotFoundError:
+            if self.offline:
+                raise ModelNotFoundError(f"{at}: not in {where}, and HF_HUB_OFFLINE=1 forbids "
+                                         "downloading it") from None
+            raise ModelNotFoundError(f"{at}: the Hub cannot be reached and the model is not in {where}") from None
+        except HfHubHTTPError as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelNotFoundError(f"{at}: Hub request failed ({msg})") from None
+        except (ValueError, OSError) as e:  # HFValidationError (bad id/revision), disk
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelNotFoundError(f"{at}: {msg}") from None
+
+    def download(self, patterns: list[str], revision: str | None = ...) -> Path:
+        """snapshot_download of the files matching `patterns` (only looked up in the cache offline)."""
+        from huggingface_hub import snapshot_download
+
+        rev = self.revision if revision is ... else revision
+        return Path(self._call(lambda: snapshot_download(
+            self.repo_id, revision=rev, allow_patterns=patterns, cache_dir=str(self.cache),
+            local_files_only=self.offline, token=self.token, endpoint=self.endpoint)))
+
+    def list_files(self, revision: str | None) -> list[str]:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        return self._call(lambda: api.list_repo_files(self.repo_id, revision=revision))
+
+    @staticmethod
+    def commit_of(snapshot: Path) -> str | None:
+        """The commit hash a cache snapshot folder is named after (.../snapshots/<sha>), else None."""
+        return snapshot.name if snapshot.parent.name == "snapshots" and _COMMIT.match(snapshot.name) else None
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
@@ -120,64 +168,54 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     with a one-line message naming the path or repo id and revision.
     """
     raw = os.fspath(path_or_repo_id)
-    local = Path(os.path.expanduser(raw))
-    if local.exists():
-        if not local.is_dir():
-            raise ModelNotFoundError(f"model path {raw} is a file; expected an MLX checkpoint folder")
-        if revision is not None:
-            raise ModelNotFoundError(f"--revision {revision} only applies to hub repo ids, not the local folder {raw}")
+    local = _local_folder(raw, revision, "model", "an MLX checkpoint")
+    if local is not None:
         return _check_local(local, f"folder {raw}")
-    if _looks_like_path(raw):
-        raise ModelNotFoundError(f"model folder {raw} does not exist (and it is not a valid hub repo id 'org/name')")
-
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
-                                            LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a hard dependency
-        raise ModelNotFoundError(f"{raw}: huggingface_hub is needed to download hub models ({e})") from None
-
-    offline = is_offline()
-    # huggingface_hub freezes HF_ENDPOINT at import (and builds file URLs from it): read it now.
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
-    at = f"{raw}@{revision or 'main'}"
-    where = f"the local HF cache ({cache})"
-
-    def fetch(patterns: list[str], rev: str | None) -> Path:
-        try:
-            return Path(snapshot_download(raw, revision=rev, allow_patterns=patterns, cache_dir=str(cache),
-                                          local_files_only=offline, token=token, endpoint=endpoint))
-        except RevisionNotFoundError:
-            raise ModelNotFoundError(f"revision {revision!r} not found in hub repo {raw}") from None
-        except GatedRepoError:
-            raise ModelNotFoundError(f"hub repo {raw} is gated: accept its terms on the Hub and log in "
-                                     "(`hf auth login` or HF_TOKEN)") from None
-        except RepositoryNotFoundError:
-            raise ModelNotFoundError(f"hub repo {raw} not found (or private: log in with `hf auth login` "
-                                     "or set HF_TOKEN)") from None
-        except IncompleteSnapshotError as e:
-            raise IncompleteCheckpointError(f"{at}: {str(e).splitlines()[0]}") from None
-        except LocalEntryNotFoundError:
-            if offline:
-                raise ModelNotFoundError(f"{at} is not in {where} and HF_HUB_OFFLINE=1 forbids "
-                                         "downloading it") from None
-            raise ModelNotFoundError(f"{at}: the Hub cannot be reached and the model is not in {where}") from None
-        except HfHubHTTPError as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ModelNotFoundError(f"{at}: Hub request failed ({msg})") from None
-        except (ValueError, OSError) as e:  # HFValidationError (bad id/revision), IncompleteSnapshotError, disk
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ModelNotFoundError(f"{at}: {msg}") from None
-
+    hub = _HubRepo(raw, revision, token, cache_dir)
     # First config.json alone: an unconverted PyTorch repo (e.g. facebook/musicgen-small) is
     # rejected before gigabytes of weights are downloaded.
-    head = fetch(["config.json"], revision)
-    problems = [p for p in checkpoint_problems(head) if p.startswith("config.json")]
+    head = hub.download(["config.json"])
+    problems = config_problems(head)
     if problems:
-        raise IncompleteCheckpointError(f"hub repo {at} is not an MLX checkpoint: {problems[0]}")
+        raise IncompleteCheckpointError(f"hub repo {hub.at} is not an MLX checkpoint: {problems[0]}")
     # Pin the second fetch to the commit just resolved, so both come from the same snapshot.
-    pinned = head.name if head.parent.name == "snapshots" and _COMMIT.match(head.name) else revision
-    folder = fetch(ALLOW_PATTERNS, pinned)
-    return _check_local(folder, f"hub repo {at} ({'cached' if offline else 'downloaded'} snapshot {folder})")
+    folder = hub.download(ALLOW_PATTERNS, hub.commit_of(head) or revision)
+    return _check_local(folder, f"hub repo {hub.at} ({'cached' if hub.offline else 'downloaded'} snapshot {folder})")
+
+
+@dataclass
+class Source:
+    """A Hugging Face (PyTorch) checkpoint resolved to a local folder, for the converter."""
+
+    folder: Path
+    repo_id: str | None = None
+    revision: str | None = None  # the commit hash when known (hub cache snapshot), else as asked
+
+
+def resolve_source(path_or_repo_id: str | os.PathLike, files: list[str], weights: dict[str, list[str]],
+                   revision: str | None = None, *, token: str | bool | None = None,
+                   cache_dir: str | Path | None = None) -> Source:
+    """Resolve a Hugging Face checkpoint (`convert --hf-path`): a local folder as is, or a hub repo id.
+
+    From the hub, `files` (patterns: config, tokenizer, ...) are fetched together with one weight
+    format: the first of `weights` (format -> patterns, in order of preference) the repo holds; the
+    others are never downloaded. Offline the repo cannot be listed, so whatever format the cache
+    holds is used. Same cache, token, offline and error behaviour as resolve_model_path.
+    """
+    raw = os.fspath(path_or_repo_id)
+    local = _local_folder(raw, revision, "--hf-path", "a Hugging Face checkpoint")
+    if local is not None:
+        return Source(local.resolve())
+    hub = _HubRepo(raw, revision, token, cache_dir)
+    all_weights = [p for pats in weights.values() for p in pats]
+    if hub.offline:
+        folder = hub.download(list(files) + all_weights)
+        return Source(folder, raw, hub.commit_of(folder) or revision)
+    head = hub.download(["config.json"])
+    pinned = hub.commit_of(head) or revision
+    listing = hub.list_files(pinned)
+    for patterns in weights.values():
+        if any(fnmatch.fnmatch(f, pat) for f in listing for pat in patterns):
+            folder = hub.download(list(files) + list(patterns), pinned)
+            return Source(folder, raw, hub.commit_of(folder) or revision)
+    raise ModelNotFoundError(f"hub repo {hub.at} holds no model weights (looked for {', '.join(all_weights)})")

@@ -325,7 +325,7 @@ def test_cli_convert_and_inspect(hf_folder, tmp_path):
     info = json.loads(r.output)
     assert info["format"] == "huggingface (bin-sharded)" and info["tensors"] == 178
     r = CliRunner().invoke(main, ["convert", "--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "no such folder" in r.output
+    assert r.exit_code == 2 and f"--hf-path folder {tmp_path / 'nope'} does not exist" in r.output
 
 
 def test_convert_help_documents_every_option():
@@ -390,5 +390,5 @@ def test_convert_from_hub_cache_offline(hf_folder, tmp_path):
     assert record["source"]["layout"] == "safetensors-sharded"
     r = subprocess.run([sys.executable, "-m", "mlx_music.cli", "convert", "--hf-path", "acme/missing",
                         "--mlx-path", str(tmp_path / "o2"), "--quiet"], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "acme/missing: not in the local Hugging Face cache" in r.stderr
+    assert r.returncode == 2 and "acme/missing@main: not in the local Hugging Face cache" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o2").exists()

@@ -5,6 +5,7 @@ and the MLX checkpoint with `runtime.load`, feeds both the same inputs and retur
 `ParityReport` of rows (check, metric, value, tolerance, ok):
 
     tokenizer ids             the MLX tokenizer.json vs the HF tokenizer of the source folder
+                              (every other row feeds both sides the MLX tokenizer's ids)
     T5 hidden states          padded batch of prompts, max abs
     text conditioning         enc_to_dec_proj(T5) * mask, max abs
     decoder logits            a fixed, varied code sequence (melody: behind a chroma prefix)
@@ -15,6 +16,10 @@ and the MLX checkpoint with `runtime.load`, feeds both the same inputs and retur
     melody models: chroma one-hot / pre-argmax vs transformers' MusicgenMelodyFeatureExtractor,
                    the chroma the pipeline feeds the model, greedy tokens + shape with a melody
     audio_prompt given: greedy continuation tokens + audio vs transformers' continuation
+
+A row the reference side cannot compute (transformers cannot load the tokenizer, has no chroma
+extractor, raises while producing its values) says so in words and is informational: it is
+shown as "n/a" and does not fail the report, which passes or fails on the model checks alone.
 
 This module may import torch/transformers (it is a converter-side tool); the runtime never does.
 """
@@ -74,6 +79,9 @@ class ParityRow:
     value: float | int | str | None
     tolerance: float | int | str | None
     ok: bool
+    # The reference could not produce this row's values (see reference_unavailable_row): shown,
+    # never counted as a pass or a failure.
+    informational: bool = False
 
     def __post_init__(self) -> None:
         # A check without a stated tolerance is not a check: it can never pass.
@@ -114,12 +122,17 @@ class ParityReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def checks(self) -> list[ParityRow]:
+        """The rows that were computed on both sides (informational rows left out)."""
+        return [r for r in self.rows if not r.informational]
+
+    @property
     def ok(self) -> bool:
-        return bool(self.rows) and all(r.ok and r.tolerance is not None for r in self.rows)
+        return bool(self.checks) and all(r.ok and r.tolerance is not None for r in self.checks)
 
     @property
     def failed(self) -> list[ParityRow]:
-        return [r for r in self.rows if not (r.ok and r.tolerance is not None)]
+        return [r for r in self.checks if not (r.ok and r.tolerance is not None)]
 
     def row(self, name: str) -> ParityRow:
         for r in self.rows:
@@ -130,23 +143,26 @@ class ParityReport:
     def to_json(self) -> str:
         rows = [{k: _json_value(v) for k, v in asdict(r).items()} for r in self.rows]
         for r, src in zip(rows, self.rows):
-            r["ok"] = bool(src.ok and src.tolerance is not None)
+            r["ok"] = None if src.informational else bool(src.ok and src.tolerance is not None)
         return json.dumps({"ok": self.ok, "hf_path": self.hf_path, "mlx_path": self.mlx_path,
                            "model_type": self.model_type, "rows": rows, "notes": self.notes}, indent=2)
 
     def format_table(self) -> str:
         header = ("check", "metric", "value", "tolerance", "result")
         cells = [header] + [(r.name, r.metric, _fmt(r.value), _fmt(r.tolerance),
-                             "ok" if (r.ok and r.tolerance is not None) else "FAIL") for r in self.rows]
+                             "n/a" if r.informational else "ok" if (r.ok and r.tolerance is not None) else "FAIL")
+                            for r in self.rows]
         widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
 
         def line(c: Sequence[str]) -> str:
             return " | ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip()
 
         out = [line(header), "-+-".join("-" * w for w in widths)] + [line(c) for c in cells[1:]]
-        n_bad = len(self.failed)
-        out.append(f"PASS: {len(self.rows)} checks" if self.ok else
-                   f"FAIL: {n_bad} of {len(self.rows)} checks failed" if self.rows else "FAIL: no checks ran")
+        n_bad, n_checks = len(self.failed), len(self.checks)
+        n_info = len(self.rows) - n_checks
+        info = f" ({n_info} not computable on the reference side)" if n_info else ""
+        out.append(f"PASS: {n_checks} checks{info}" if self.ok else
+                   f"FAIL: {n_bad} of {n_checks} checks failed{info}" if n_checks else "FAIL: no checks ran")
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
@@ -181,6 +197,20 @@ def shape_row(name: str, got: Sequence[int], expected: Sequence[int]) -> ParityR
     return ParityRow(name, "shape", str(got), f"= {expected}", got == expected)
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def reference_unavailable_row(name: str, what: str, e: BaseException) -> ParityRow:
+    """Informational row: the reference (transformers) could not produce `what`, and why."""
+    return ParityRow(name, "reference", f"transformers could not {what}: {_one_line(e)}", None, False,
+                     informational=True)
+
+
+_NO_VALUE = object()
+
+
 class _Rows:
     """Collects rows; a check that raises becomes one failing row (the rest still run)."""
 
@@ -190,6 +220,16 @@ class _Rows:
     def add(self, *rows: ParityRow) -> None:
         self.rows.extend(rows)
 
+    def reference(self, names: str | Sequence[str], what: str, fn) -> Any:
+        """fn() computed on the reference side; if it raises, one informational row per name
+        (the reference's failure is not the MLX model's) and _NO_VALUE."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - reported as an informational row
+            for name in [names] if isinstance(names, str) else names:
+                self.rows.append(reference_unavailable_row(name, what, e))
+            return _NO_VALUE
+
     @contextlib.contextmanager
     def guard(self, name: str, tol: float | int | str) -> Iterator[None]:
         try:
@@ -197,6 +237,11 @@ class _Rows:
         except Exception as e:  # noqa: BLE001 - reported as a failing row, not swallowed
             msg = " ".join(str(e).split())[:240]
             self.rows.append(ParityRow(name, "error", f"{type(e).__name__}: {msg}", tol, False))
+
+
+def _have(ref_value: Any) -> bool:
+    """The reference produced a value (a missing one is already an informational row)."""
+    return ref_value is not _NO_VALUE and ref_value is not None
 
 
 # ----------------------------------------------------------------------- test signals
@@ -616,59 +661,86 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     ids, mask = pipe.tokenizer(prompts)
     t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
-    with rows.guard("tokenizer ids", 0):
-        tok = _load_reference_tokenizer(hf_ref)
-        enc = tok(prompts, padding=True, return_tensors="np")
-        ref_ids = np.asarray(enc["input_ids"]) * np.asarray(enc["attention_mask"])
-        rows.add(equal_row("tokenizer ids", ids * mask, ref_ids))
+    # The reference may not load a tokenizer that the MLX side reads fine (e.g. a tokenizer.json
+    # without a tokenizer_config.json AutoTokenizer understands): that row is informational and
+    # every other row still runs on the MLX tokenizer's ids, fed to both sides.
+    tok = rows.reference("tokenizer ids", "load the tokenizer", lambda: _load_reference_tokenizer(hf_ref))
+    if tok is not _NO_VALUE:
+        enc = rows.reference("tokenizer ids", "tokenize the prompts",
+                             lambda: tok(prompts, padding=True, return_tensors="np"))
+        if enc is not _NO_VALUE:
+            with rows.guard("tokenizer ids", 0):
+                ref_ids = np.asarray(enc["input_ids"]) * np.asarray(enc["attention_mask"])
+                rows.add(equal_row("tokenizer ids", ids * mask, ref_ids))
 
     # -- T5 and the text conditioning -------------------------------------------------------
-    with rows.guard("T5 hidden states", TOL_HIDDEN), torch.no_grad():
-        ref_h = hf.text_encoder(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+    def ref_text():
+        with torch.no_grad():
+            h = hf.text_encoder(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+            return h, hf.enc_to_dec_proj(h) * t_mask[..., None]
+
+    ref_text_out = rows.reference(("T5 hidden states", "text conditioning"), "run its text encoder", ref_text)
+    got_states = got_mask = None
+    with rows.guard("T5 hidden states", TOL_HIDDEN):
         got_h = model.text_encoder(mx.array(ids), mx.array(mask))
-        rows.add(close_row("T5 hidden states", np.array(got_h), ref_h.numpy(), TOL_HIDDEN))
-        ref_states = hf.enc_to_dec_proj(ref_h) * t_mask[..., None]
         got_states, got_mask = model.encode_text(mx.array(ids), mx.array(mask))
-        rows.add(close_row("text conditioning", np.array(got_states), ref_states.numpy(), TOL_HIDDEN))
+        if ref_text_out is not _NO_VALUE:
+            ref_h, ref_states = ref_text_out
+            rows.add(close_row("T5 hidden states", np.array(got_h), ref_h.numpy(), TOL_HIDDEN))
+            rows.add(close_row("text conditioning", np.array(got_states), ref_states.numpy(), TOL_HIDDEN))
 
     # -- decoder logits on a fixed, varied code sequence --------------------------------------
-    with rows.guard("decoder logits", TOL_LOGITS), torch.no_grad():
-        codes = rng.integers(0, 2048, size=(b, n_cb, LOGIT_FRAMES))
-        codes[:, :, 0] = pipe.pad_id  # BOS, as every generation starts
-        codes[:, -1, -2:] = pipe.pad_id  # and a pad, as the delay pattern has
-        kw, chroma = {}, None
-        if is_melody:
-            bins = rng.integers(0, 12, size=(b, 7))
-            chroma = np.eye(12, dtype=np.float32)[bins]
-            kw["input_features"] = torch.from_numpy(chroma)
-        out = hf(input_ids=t_ids, attention_mask=t_mask,
-                 decoder_input_ids=torch.from_numpy(codes.reshape(b * n_cb, -1)), **kw)
+    name = "decoder logits (chroma prefix)" if is_melody else "decoder logits"
+    codes = rng.integers(0, 2048, size=(b, n_cb, LOGIT_FRAMES))
+    codes[:, :, 0] = pipe.pad_id  # BOS, as every generation starts
+    codes[:, -1, -2:] = pipe.pad_id  # and a pad, as the delay pattern has
+    kw, chroma = {}, None
+    if is_melody:
+        bins = rng.integers(0, 12, size=(b, 7))
+        chroma = np.eye(12, dtype=np.float32)[bins]
+        kw["input_features"] = torch.from_numpy(chroma)
+
+    def ref_logits():
+        with torch.no_grad():
+            out = hf(input_ids=t_ids, attention_mask=t_mask,
+                     decoder_input_ids=torch.from_numpy(codes.reshape(b * n_cb, -1)), **kw)
         # melody logits cover the prefix too: keep the code positions
-        ref = out.logits.reshape(b, n_cb, -1, out.logits.shape[-1])[:, :, -LOGIT_FRAMES:].numpy()
-        got = model(mx.array(codes.astype(np.int32)), got_states, got_mask,
-                    None if chroma is None else mx.array(chroma))
-        name = "decoder logits (chroma prefix)" if is_melody else "decoder logits"
-        rows.add(close_row(name, np.array(got), ref, TOL_LOGITS))
+        return out.logits.reshape(b, n_cb, -1, out.logits.shape[-1])[:, :, -LOGIT_FRAMES:].numpy()
+
+    ref = rows.reference(name, "compute its decoder logits", ref_logits)
+    if ref is not _NO_VALUE:
+        with rows.guard(name, TOL_LOGITS):
+            got = model(mx.array(codes.astype(np.int32)), got_states, got_mask,
+                        None if chroma is None else mx.array(chroma))
+            rows.add(close_row(name, np.array(got), ref, TOL_LOGITS))
 
     # -- greedy generation ----------------------------------------------------------------
     frames = 1 + steps - delay_rows
     gen_name = "greedy tokens (no melody)" if is_melody else "greedy tokens"
-    with rows.guard(gen_name, 0):
-        ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                            max_new_tokens=steps)
-        audio, got_codes = _generate(pipe, prompts, duration=frames / fr, greedy=True, guidance_scale=GUIDANCE)
-        rows.add(equal_row(gen_name, got_codes, ref_codes),
-                 close_row("greedy audio", audio, ref_audio, TOL_AUDIO),
-                 shape_row("output shape", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
+    ref_gen = rows.reference((gen_name, "greedy audio", "output shape"), "generate",
+                             lambda: _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
+                                                  max_new_tokens=steps))
+    if _have(ref_gen):
+        with rows.guard(gen_name, 0):
+            ref_codes, ref_audio = ref_gen
+            audio, got_codes = _generate(pipe, prompts, duration=frames / fr, greedy=True,
+                                                guidance_scale=GUIDANCE)
+            rows.add(equal_row(gen_name, got_codes, ref_codes),
+                     close_row("greedy audio", audio, ref_audio, TOL_AUDIO),
+                     shape_row("output shape", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
 
     # -- EnCodec --------------------------------------------------------------------------
-    with rows.guard("EnCodec encode codes", 0):
-        wav = codec_test_signal(sr32, 0.5, channels, seed)
-        rows.add(equal_row("EnCodec encode codes", pipe.encode_audio((wav, sr32))[None], _hf_encode(hf, wav)))
-    with rows.guard("EnCodec decode audio", TOL_AUDIO):
-        codes = rng.integers(0, 2048, size=(2, n_cb, 20))
-        name = "EnCodec decode audio" + (" (L/R = even/odd codebooks)" if channels == 2 else "")
-        rows.add(close_row(name, pipe.decode_codes(codes), _hf_decode(hf, codes, channels), TOL_AUDIO))
+    wav = codec_test_signal(sr32, 0.5, channels, seed)
+    ref_enc = rows.reference("EnCodec encode codes", "encode the test signal", lambda: _hf_encode(hf, wav))
+    if _have(ref_enc):
+        with rows.guard("EnCodec encode codes", 0):
+            rows.add(equal_row("EnCodec encode codes", pipe.encode_audio((wav, sr32))[None], ref_enc))
+    codes = rng.integers(0, 2048, size=(2, n_cb, 20))
+    name = "EnCodec decode audio" + (" (L/R = even/odd codebooks)" if channels == 2 else "")
+    ref_dec = rows.reference(name, "decode the codes", lambda: _hf_decode(hf, codes, channels))
+    if _have(ref_dec):
+        with rows.guard(name, TOL_AUDIO):
+            rows.add(close_row(name, pipe.decode_codes(codes), ref_dec, TOL_AUDIO))
 
     # -- melody conditioning --------------------------------------------------------------
     if is_melody:
@@ -677,29 +749,37 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
 
     # -- audio prompt continuation -------------------------------------------------------
     if audio_prompt is not None:
-        with rows.guard("continuation tokens", 0):
-            from mlx_music.runtime.audio_io import load_audio_input
+        from mlx_music.runtime.audio_io import load_audio_input
 
+        wav = None
+        with rows.guard("continuation tokens", 0):
             # One waveform at 32 kHz for both sides: this checks the model, not resamplers
             # (transformers takes audio prompts only at the codec rate).
             wav = load_audio_input(audio_prompt, sr32, channels=channels)
-            prompt_frames = _hf_encode(hf, wav).shape[-1]
-            new_steps = steps
-            total = 1 + prompt_frames + new_steps - delay_rows
+
+        def ref_continuation():
+            p_codes = _hf_encode(hf, wav)
             if is_melody:
                 # MusicgenMelody.generate has no input_values: prompt codes go in as
                 # decoder_input_ids (B * K, P) and it prepends BOS itself.
-                p_codes = np.repeat(_hf_encode(hf, wav), b, axis=0)
-                kw = {"decoder_input_ids": torch.from_numpy(p_codes.reshape(b * n_cb, -1)).long()}
+                p_codes_b = np.repeat(p_codes, b, axis=0)
+                kw = {"decoder_input_ids": torch.from_numpy(p_codes_b.reshape(b * n_cb, -1)).long()}
             else:
                 kw = {"input_values": torch.from_numpy(np.repeat(wav[None], b, axis=0)).float()}
-            ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                                max_new_tokens=new_steps, **kw)
-            audio, got_codes = _generate(pipe, prompts, duration=total / fr, greedy=True,
-                                         guidance_scale=GUIDANCE, audio_prompt=(wav, sr32))
-            rows.add(equal_row("continuation tokens", got_codes, ref_codes),
-                     close_row("continuation audio", audio, ref_audio, TOL_AUDIO))
-            report.notes.append(f"continuation: {prompt_frames} prompt frames + {total - prompt_frames} new")
+            return p_codes.shape[-1], _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
+                                                   max_new_tokens=steps, **kw)
+
+        ref_cont = (rows.reference(("continuation tokens", "continuation audio"), "continue the audio prompt",
+                                   ref_continuation) if wav is not None else _NO_VALUE)
+        if _have(ref_cont):
+            with rows.guard("continuation tokens", 0):
+                prompt_frames, (ref_codes, ref_audio) = ref_cont
+                total = 1 + prompt_frames + steps - delay_rows
+                audio, got_codes = _generate(pipe, prompts, duration=total / fr, greedy=True,
+                                                    guidance_scale=GUIDANCE, audio_prompt=(wav, sr32))
+                rows.add(equal_row("continuation tokens", got_codes, ref_codes),
+                         close_row("continuation audio", audio, ref_audio, TOL_AUDIO))
+                report.notes.append(f"continuation: {prompt_frames} prompt frames + {total - prompt_frames} new")
 
     report.rows = rows.rows
     report.notes.insert(0, f"{b} prompts, {steps} greedy steps ({frames} frames), guidance {GUIDANCE}")
@@ -719,37 +799,56 @@ def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, promp
     else:
         wav, sr = _as_waveform(melody, "--melody")
     onehot_name = "melody chroma one-hot"
-    try:
-        fe, ta, shim = _reference_chroma_extractor(hf_ref)
-    except Exception as e:  # noqa: BLE001 - no reference extractor: the chroma rows fail
-        rows.add(ParityRow(onehot_name, "error", f"{type(e).__name__}: {e}", 0, False))
-        return
-    suffix = " [reference via torchaudio shim]" if shim else ""
+    # No reference extractor (no torchaudio, no shim): the chroma rows are informational, and the
+    # melody generation row below still runs on our own chroma, fed to both sides.
+    extractor = rows.reference(onehot_name, "build its melody feature extractor",
+                               lambda: _reference_chroma_extractor(hf_ref))
     ref_one_hot = None
-    with rows.guard(onehot_name + suffix, 0):
-        ref_one_hot, ref_pre = _reference_chroma(fe, ta, wav, sr)
-        ours = ChromaExtractor.from_config(pipe.config["melody"])
-        one_hot, pre = ours.chroma_features(wav, sr)
-        rows.add(equal_row(onehot_name + suffix, one_hot, ref_one_hot),
-                 close_row("melody chroma pre-argmax" + suffix, pre, ref_pre, TOL_CHROMA))
-    if ref_one_hot is None:
-        return
+    suffix = ""
+    if extractor is not _NO_VALUE:
+        fe, ta, shim = extractor
+        suffix = " [reference via torchaudio shim]" if shim else ""
+        ref_chroma = rows.reference((onehot_name + suffix, "melody chroma pre-argmax" + suffix),
+                                    "compute the melody chroma", lambda: _reference_chroma(fe, ta, wav, sr))
+        if ref_chroma is not _NO_VALUE:
+            ref_one_hot, ref_pre = ref_chroma
+    if _have(ref_one_hot):
+        with rows.guard(onehot_name + suffix, 0):
+            ours = ChromaExtractor.from_config(pipe.config["melody"])
+            one_hot, pre = ours.chroma_features(wav, sr)
+            rows.add(equal_row(onehot_name + suffix, one_hot, ref_one_hot),
+                     close_row("melody chroma pre-argmax" + suffix, pre, ref_pre, TOL_CHROMA))
+    if ref_one_hot is not None:
+        _pipeline_chroma_rows(rows, pipe, wav, sr, ref_one_hot, ref_pre)
+    else:
+        with rows.guard("greedy tokens (melody)", 0):
+            ref_one_hot = ChromaExtractor.from_config(pipe.config["melody"]).chroma_features(wav, sr)[0]
+        if ref_one_hot is None:
+            return
+        report.notes.append("melody: the reference has no chroma extractor; greedy tokens (melody) fed both "
+                            "sides the MLX chroma")
+    gen_rows = ("greedy tokens (melody)", "greedy audio (melody)", "output shape (melody)")
+    ref_gen = rows.reference(gen_rows, "generate with the melody",
+                             lambda: _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
+                                                  input_features=torch.from_numpy(np.repeat(ref_one_hot, b, axis=0)),
+                                                  max_new_tokens=steps))
+    if _have(ref_gen):
+        with rows.guard("greedy tokens (melody)", 0):
+            ref_codes, ref_audio = ref_gen
+            audio, got_codes = _generate(pipe, prompts, duration=frames / pipe.frame_rate, greedy=True,
+                                                guidance_scale=GUIDANCE, melody=(wav, sr))
+            rows.add(equal_row("greedy tokens (melody)", got_codes, ref_codes),
+                     close_row("greedy audio (melody)", audio, ref_audio, TOL_AUDIO),
+                     shape_row("output shape (melody)", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
+
+
+def _pipeline_chroma_rows(rows: _Rows, pipe, wav: np.ndarray, sr: int, ref_one_hot, ref_pre) -> None:
+    from mlx_music.runtime.conditioning import melody_waveform
+
     with rows.guard("melody chroma fed by the pipeline", 0):
         # What generate(melody=...) actually conditions on: the pipeline loads (and resamples)
         # the input itself before the extractor sees it.
-        from mlx_music.runtime.conditioning import melody_waveform
-
         msr = pipe.config["melody"]["sampling_rate"]
-        wavs = [melody_waveform((wav, sr), msr)]
-        fed, fed_pre = pipe.conditioner.extractor.chroma_features(wavs, msr)
+        fed, fed_pre = pipe.conditioner.extractor.chroma_features([melody_waveform((wav, sr), msr)], msr)
         rows.add(equal_row("melody chroma fed by the pipeline", fed, ref_one_hot),
                  close_row("melody chroma fed by the pipeline, pre-argmax", fed_pre, ref_pre, TOL_CHROMA))
-    with rows.guard("greedy tokens (melody)", 0):
-        feats = torch.from_numpy(np.repeat(ref_one_hot, b, axis=0))
-        ref_codes, ref_audio = _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                            input_features=feats, max_new_tokens=steps)
-        audio, got_codes = _generate(pipe, prompts, duration=frames / pipe.frame_rate, greedy=True,
-                                     guidance_scale=GUIDANCE, melody=(wav, sr))
-        rows.add(equal_row("greedy tokens (melody)", got_codes, ref_codes),
-                 close_row("greedy audio (melody)", audio, ref_audio, TOL_AUDIO),
-                 shape_row("output shape (melody)", audio.shape, (b, channels, ref_codes.shape[-1] * hop)))
