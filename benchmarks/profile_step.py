@@ -6,9 +6,9 @@ times in this process:
   sync_ms      one compiled step + sampling, waited for after every call (no overlap)
   per_layer_ms (sync_ms - sync_ms of a 1-layer model) / (layers - 1)
   fixed_ms     the rest (embeddings, positions, heads, sampling, dispatch)
-with the packed projections (`pack_for_decode`) on, and again with them off (`--no-pack` only).
-Run it once per MLX environment setting (e.g. MLX_MAX_OPS_PER_BUFFER) to compare: those are read
-once per process.
+The decoder runs in its fused layout (one q/k/v matmul per layer, one head matmul, one embedding
+gather: `MusicGen.fuse`), the only layout its forward has. Run it once per MLX environment setting
+(e.g. MLX_MAX_OPS_PER_BUFFER) to compare: those are read once per process.
 
     python benchmarks/profile_step.py --config benchmarks/.cache/mlx-small-bf16/config.json
 """
@@ -41,11 +41,12 @@ def build(config: dict, dtype: mx.Dtype, layers: int | None) -> MusicGen:
     cfg = json.loads(json.dumps(config))
     if layers is not None:
         cfg["decoder"]["num_layers"] = layers
-    model = MusicGen.from_config(cfg)
+    model = MusicGen(cfg)  # checkpoint layout: random weights per checkpoint tensor, then fuse
     # Scale-aware random weights (O(1) activations, spread-out logits), in the benchmark dtype.
     flat = [(k, (mx.random.normal(v.shape) * (v.shape[-1] ** -0.5 if v.ndim == 2 and "embed" not in k else 1.0)
                  ).astype(dtype)) for k, v in tree_flatten(model.decoder.parameters())]
     model.decoder.update(tree_unflatten(flat))
+    model.fuse()
     mx.eval(model.decoder.parameters())
     return model
 
@@ -86,7 +87,6 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--no-pack", action="store_true", help="also measure without packed projections")
     a = ap.parse_args()
     config = json.loads(Path(a.config).read_text())
     k, ch = config["num_codebooks"], config["audio_channels"]
@@ -94,22 +94,15 @@ def main() -> None:
     dtype = DTYPES[a.dtype]
     out = {"config": Path(a.config).name, "dtype": a.dtype, "device": str(mx.default_device()),
            "env": {n: os.environ[n] for n in os.environ if n.startswith("MLX_")}}
-    variants = [("packed", True)] + ([("unpacked", False)] if a.no_pack else [])
-    import mlx_music.models.musicgen_decoder as dec
-
-    for name, pack in variants:
-        if not pack:  # disable packing for this variant
-            dec.MusicgenDecoder.pack_for_decode = lambda self: None
-        full, one = build(config, dtype, None), build(config, dtype, 1)
-        loop_ms = time_loop(full, a.steps, k, ch)
-        sync_ms = time_sync(full, k)
-        time_loop(one, 20, k, ch)
-        one_ms = time_sync(one, k)
-        per_layer = (sync_ms - one_ms) / (layers - 1)
-        out[name] = {"loop_ms": round(loop_ms, 3), "sync_ms": round(sync_ms, 3),
-                     "fixed_ms": round(one_ms - per_layer, 3), "per_layer_ms": round(per_layer, 4),
-                     "steps_per_s": round(1e3 / loop_ms, 1)}
-        del full, one
+    full, one = build(config, dtype, None), build(config, dtype, 1)
+    loop_ms = time_loop(full, a.steps, k, ch)
+    sync_ms = time_sync(full, k)
+    time_loop(one, 20, k, ch)
+    one_ms = time_sync(one, k)
+    per_layer = (sync_ms - one_ms) / (layers - 1)
+    out["fused"] = {"loop_ms": round(loop_ms, 3), "sync_ms": round(sync_ms, 3),
+                    "fixed_ms": round(one_ms - per_layer, 3), "per_layer_ms": round(per_layer, 4),
+                    "steps_per_s": round(1e3 / loop_ms, 1)}
     print(json.dumps(out))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,17 +27,29 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_music.models.musicgen_decoder import DecoderArgs, DecoderCache, MusicgenDecoder
 from mlx_music.models.t5 import T5Args, T5Encoder
 
-try:  # written in parallel by another contributor; imported lazily so errors are explicit
-    from mlx_music.models.encodec import EncodecArgs, EncodecModel
-except ImportError as _err:  # pragma: no cover - only while encodec.py is missing/broken
-    EncodecArgs = EncodecModel = None
-    _ENCODEC_IMPORT_ERROR: ImportError | None = _err
-else:
-    _ENCODEC_IMPORT_ERROR = None
+from mlx_music.models.encodec import EncodecArgs, EncodecModel
+
+
+def checkpoint_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Flat checkpoint name -> shape of an unquantized checkpoint for `config` (notes/SPEC.md).
+
+    The same as `tree_flatten(MusicGen(config).parameters())`: a freshly constructed model has
+    the checkpoint layout; only `load_weights` (via `fuse`) changes it to the runtime layout.
+    """
+    return {k: tuple(v.shape) for k, v in tree_flatten(MusicGen(config).parameters())}
 
 
 class MusicGen(nn.Module):
-    """The full model; parameter names match notes/SPEC.md."""
+    """The full model.
+
+    Two layouts of the same weights:
+      * checkpoint layout (as constructed, and after `unfuse()`): parameter names match
+        notes/SPEC.md and the converter's output; `nn.quantize(model, class_predicate=...)` with
+        checkpoint module paths and `load_weights` work on this layout;
+      * runtime layout (after `fuse()`, which `load_weights` calls): the decoder's q/k/v, the K
+        embedding tables and the K heads are one module each (see `MusicgenDecoder`). Inference
+        (`__call__`, `prefill`, `step`) needs it.
+    """
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -59,26 +71,22 @@ class MusicGen(nn.Module):
             self.chroma_length = int(melody.get("chroma_length", 235))
             self.audio_enc_to_dec_proj = nn.Linear(self.num_chroma, h)
         self.decoder = MusicgenDecoder(self.decoder_args)
-        if EncodecModel is None:
-            raise ImportError("mlx_models.encodec (EncodecModel, EncodecArgs) could not be imported; "
-                              f"MusicGen needs it for its audio_encoder: {_ENCODEC_IMPORT_ERROR}")
         self.audio_encoder = EncodecModel(EncodecArgs.from_dict(config["audio_encoder"]))
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "MusicGen":
-        """Build an uninitialised model from an mlx-music config.json dict."""
-        return cls(config)
 
     # ------------------------------------------------------------- weights
     def load_weights(self, weights: Mapping[str, mx.array] | list[tuple[str, mx.array]],
                      strict: bool = True) -> "MusicGen":
-        """Load flat SPEC-named weights.
+        """Load flat SPEC-named (checkpoint layout) weights, then `fuse()`.
 
+        A fused model is first unfused, so the names checked are always the checkpoint's (and is
+        fused again if the check fails).
         strict=True: every parameter must be given, nothing extra, shapes equal; otherwise a
         ValueError names the missing / unexpected / mis-shaped keys. strict=False: unknown keys
         are ignored and absent ones keep their values; shapes are still checked.
         """
         weights = dict(weights)
+        was_fused = self.decoder.fused
+        self.unfuse()
         current = dict(tree_flatten(self.parameters()))
         missing = sorted(current.keys() - weights.keys())
         unexpected = sorted(weights.keys() - current.keys())
@@ -91,8 +99,22 @@ class MusicGen(nn.Module):
         report = [f"{len(keys)} {kind} key(s): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
                   for kind, keys in problems if keys]
         if report:
+            if was_fused:
+                self.fuse()
             raise ValueError("MusicGen.load_weights: " + "; ".join(report))
         self.update(tree_unflatten([(k, v) for k, v in weights.items() if k in current]))
+        self.fuse()
+        return self
+
+    def fuse(self) -> "MusicGen":
+        """Checkpoint layout -> runtime layout (idempotent; see `MusicgenDecoder.fuse`). Call it
+        yourself only after setting weights without `load_weights` (e.g. random benchmark weights)."""
+        self.decoder.fuse()
+        return self
+
+    def unfuse(self) -> "MusicGen":
+        """Runtime layout -> checkpoint layout (idempotent), e.g. to save SPEC-named weights."""
+        self.decoder.unfuse()
         return self
 
     # ---------------------------------------------------------- conditioning
@@ -156,19 +178,11 @@ class MusicGen(nn.Module):
     def step(self, codes: mx.array, cache: DecoderCache) -> mx.array:
         """One more frame (B, K, 1) after `prefill`; returns logits (B, K, 1, vocab).
 
-        Shapes are fixed and the offset is an mx.array, so it compiles once; see `compile_step`.
+        Shapes are fixed and the offset is an mx.array, so it compiles once, with the cache as
+        state: `mx.compile(fn, inputs=cache.state, outputs=cache.state)`, built after `prefill`
+        (which adds the cross-attention entries to the state).
         """
         return self.decoder(codes, cache)
-
-    def compile_step(self, cache: DecoderCache) -> Callable[[mx.array], mx.array]:
-        """A compiled `codes (B, K, 1) -> logits (B, K, 1, vocab)` step bound to `cache`.
-
-        Call it after `prefill` (the cross-attention K/V must already be in the cache). The cache
-        is captured as compile state (its `state` dict is read and updated in place), so keep
-        using the same cache object; one trace serves every step of the generation.
-        """
-        return mx.compile(lambda codes: self.decoder(codes, cache),
-                          inputs=cache.state, outputs=cache.state)
 
     def __call__(self, codes: mx.array, text_states: mx.array | None = None,
                  text_mask: mx.array | None = None, chroma: mx.array | None = None) -> mx.array:

@@ -10,8 +10,14 @@ Two conditioning styles exist:
   * melody (`cross_attention=False`): the conditioning (chroma projection then text projection) is
     *prepended* to the decoder input as a prefix; positions count from the start of the prefix.
 
-Generation uses a preallocated key/value cache (`DecoderCache`) so that a single-token step has
-fixed shapes and can be wrapped in `mx.compile` without retracing:
+The module tree as constructed is the checkpoint's (q_proj/k_proj/v_proj, embed_tokens.k,
+lm_heads.k); after the weights are set, `MusicgenDecoder.fuse()` (called by `MusicGen.load_weights`)
+merges q/k/v, the K embedding tables and the K heads into one module each, and the forward runs
+only that fused layout.
+
+Generation uses a preallocated key/value cache (`DecoderCache`: one fixed-size `KVCache` per
+layer, mlx-lm style `update_and_fetch`) so that a single-token step has fixed shapes and can be
+wrapped in `mx.compile` without retracing:
 
     cache = decoder.make_cache(batch_size, max_len)            # zeros, offset 0
     decoder.set_cross_attention(cache, text_states, text_mask)  # once per generation (text models)
@@ -73,21 +79,67 @@ def sinusoidal_positions(positions: mx.array, dim: int) -> mx.array:
     return emb
 
 
+class KVCache:
+    """One decoder layer's attention cache, fixed size (mlx-lm's `update_and_fetch` interface).
+
+    The arrays live in the shared `DecoderCache.state` (this layer's dict is
+    `state["layers"][index]`, the write position is `state["offset"]`) and are read through it
+    on every call, so the leaves that `mx.compile` swaps in that tree are always the ones used.
+
+    state["layers"][i]["keys"|"values"]: self-attention K/V, (B, heads, max_len, head_dim);
+    state["layers"][i]["cross_keys"|"cross_values"]: cross-attention K/V (B, heads, S, head_dim),
+        present once `MusicgenDecoder.set_cross_attention` has run (text models).
+    """
+
+    def __init__(self, root: dict[str, Any], index: int):
+        self._root = root
+        self.index = index
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        return self._root["layers"][self.index]
+
+    @property
+    def offset(self) -> mx.array:
+        return self._root["offset"]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write keys/values (B, heads, T, head_dim) at the offset; return the whole buffers.
+
+        The offset is not advanced here: all layers write at the same position, and
+        `MusicgenDecoder.__call__` advances the shared offset once per call. Slots past the newest
+        position hold stale values; the caller's mask must hide them.
+        """
+        st = self.state
+        start = self.offset.reshape(1)
+        st["keys"] = mx.slice_update(st["keys"], keys.astype(st["keys"].dtype), start, axes=(2,))
+        st["values"] = mx.slice_update(st["values"], values.astype(st["values"].dtype), start, axes=(2,))
+        return st["keys"], st["values"]
+
+    def set_cross(self, keys: mx.array, values: mx.array) -> None:
+        self.state["cross_keys"], self.state["cross_values"] = keys, values
+
+    def cross(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys, values, mask) of this layer's cross-attention."""
+        st = self.state
+        return st["cross_keys"], st["cross_values"], self._root["cross_mask"]
+
+
 class DecoderCache:
-    """Preallocated attention state of one generation.
+    """The preallocated attention state of one generation: one `KVCache` per layer.
 
-    Everything lives in the dict `self.state` (lists of arrays + the offset) so that a step can be
-    compiled with the cache captured as state (mx.compile swaps the entries of that dict, so
-    attributes outside it would not be seen; never replace `state` itself):
+    Every mutable array lives in the dict `self.state` (never replace `state` itself), so a step
+    compiles with the cache captured as state:
 
-        step = mx.compile(lambda codes: decoder(codes, cache), inputs=cache.state,
+        step = mx.compile(lambda codes: model.step(codes, cache), inputs=cache.state,
                           outputs=cache.state)
 
-    state["keys"][i], state["values"][i]: layer i self-attention K/V, (B, heads, max_len, head_dim).
-    state["offset"]: int32 scalar array, number of positions already written.
-    state["cross_keys"][i], state["cross_values"][i]: layer i cross-attention K/V
-        (B, heads, S, head_dim), set once by `MusicgenDecoder.set_cross_attention`.
-    state["cross_mask"]: (B, 1, 1, S) bool, which encoder positions may be attended to.
+    state["offset"]: int32 scalar array, number of positions already written; set it to
+        mx.array(0, dtype=mx.int32) to reuse the cache for a new generation (stale slots are
+        hidden by the mask and overwritten before they are read).
+    state["layers"][i]: layer i's arrays (see `KVCache`).
+    state["cross_mask"]: (B, 1, 1, S) bool, which encoder positions may be attended to (text
+        models, after `MusicgenDecoder.set_cross_attention`).
 
     `max_len` must cover every position written (prefix + prompt + generated steps); writes past
     the end are not checked (checking would force a device sync per step).
@@ -95,6 +147,17 @@ class DecoderCache:
 
     def __init__(self, state: dict[str, Any]):
         self.state = state
+        self.layers = [KVCache(state, i) for i in range(len(state["layers"]))]
+
+    @classmethod
+    def empty(cls, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+              dtype: mx.Dtype) -> "DecoderCache":
+        shape = (batch_size, num_heads, max_len, head_dim)
+        return cls({
+            "layers": [{"keys": mx.zeros(shape, dtype), "values": mx.zeros(shape, dtype)}
+                       for _ in range(num_layers)],
+            "offset": mx.array(0, dtype=mx.int32),
+        })
 
     @property
     def offset(self) -> mx.array:
@@ -105,24 +168,16 @@ class DecoderCache:
         self.state["offset"] = value
 
     @property
-    def keys(self) -> list[mx.array]:
-        return self.state["keys"]
-
-    @property
-    def values(self) -> list[mx.array]:
-        return self.state["values"]
-
-    @property
     def max_len(self) -> int:
-        return self.state["keys"][0].shape[2]
+        return self.state["layers"][0]["keys"].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.state["keys"][0].shape[0]
+        return self.state["layers"][0]["keys"].shape[0]
 
     @property
     def has_cross_attention(self) -> bool:
-        return "cross_keys" in self.state
+        return "cross_mask" in self.state
 
 
 def _split_heads(x: mx.array, num_heads: int) -> mx.array:
@@ -130,74 +185,97 @@ def _split_heads(x: mx.array, num_heads: int) -> mx.array:
     return x.reshape(B, T, num_heads, -1).transpose(0, 2, 1, 3)
 
 
+def _split_stacked(x: mx.array, n: int, num_heads: int) -> list[mx.array]:
+    """(B, T, n*dims) of n concatenated projections -> n arrays (B, heads, T, head_dim)."""
+    B, T, _ = x.shape
+    parts = x.reshape(B, T, n, num_heads, -1).transpose(2, 0, 3, 1, 4)  # a view, no copy
+    return [parts[i] for i in range(n)]
+
+
 def _merge_heads(x: mx.array) -> mx.array:
     B, H, T, D = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-class _Packed:
-    """Weights of several same-shaped projections packed into one matrix (rows concatenated).
+# ------------------------------------------------------------------- fusing at load time
+_ROWS = ("weight", "scales", "biases", "bias")  # the row-indexed arrays of the fusable modules
 
-    A decode step at batch 2 is bound by per-kernel launch/encode cost, not by FLOPs, so one
-    matmul over the packed rows replaces several (q/k/v, the K codebook heads, the K embedding
-    lookups). The modules' own parameters are replaced by row *views* of the packed arrays, so
-    nothing is duplicated and `parameters()` / saved weights are unchanged. `valid()` notices a
-    later `load_weights`/`update` (the views are no longer the module's arrays) and the caller
-    then falls back to the per-module path.
+
+def _quant_key(m: nn.Module) -> tuple | None:
+    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return (m.group_size, m.bits, getattr(m, "mode", "affine"), "biases" in m)
+    return None
+
+
+def _float_weight(m: nn.Module) -> mx.array:
+    if _quant_key(m) is None:
+        return m.weight
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                         mode=getattr(m, "mode", "affine")).astype(m.scales.dtype)
+
+
+def _new_like(kind: str, quant: tuple | None) -> nn.Module:
+    """An empty (tiny) module of the right class; its arrays are assigned by the caller."""
+    if quant is None:
+        m = nn.Linear(1, 1, bias=False) if kind == "linear" else nn.Embedding(1, 1)
+    else:
+        gs, bits, mode, _ = quant
+        m = (nn.QuantizedLinear(gs, 1, bias=False, group_size=gs, bits=bits, mode=mode) if kind == "linear"
+             else nn.QuantizedEmbedding(1, gs, group_size=gs, bits=bits, mode=mode))
+    for n in _ROWS:
+        if n in m:
+            del m[n]
+    return m
+
+
+def fuse_rows(mods: list[nn.Module]) -> nn.Module:
+    """One module whose output rows are those of `mods` in order (Linear: outputs concatenated on
+    the last axis; Embedding: tables stacked, member k's id i is row k*rows + i).
+
+    Float members give an nn.Linear / nn.Embedding, quantized members with one group size, bit
+    width and mode give a QuantizedLinear / QuantizedEmbedding (weight, scales and biases rows
+    concatenated: bit-identical per-row quantization). A mixed group (never produced by the
+    converter, which quantizes a layer's q/k/v and all heads alike) is dequantized to float.
     """
-
-    def __init__(self, mods: list[nn.Module]):
-        names = ("weight", "scales", "biases") if isinstance(mods[0], nn.QuantizedLinear) else ("weight",)
-        self.quantized = len(names) == 3
-        if self.quantized:
-            m0 = mods[0]
-            self.group_size, self.bits = m0.group_size, m0.bits
-            self.mode = getattr(m0, "mode", "affine")
-        packed = {n: mx.concatenate([getattr(m, n) for m in mods], axis=0) for n in names}
-        mx.eval(packed)
-        rows = [m.weight.shape[0] for m in mods]
-        self.arrays = packed
-        self.members: list[tuple[nn.Module, dict[str, mx.array]]] = []
-        start = 0
-        for m, r in zip(mods, rows):
-            views = {n: packed[n][start:start + r] for n in names}
-            mx.eval(views)
-            m.update(views)
-            self.members.append((m, views))
-            start += r
-
-    @staticmethod
-    def compatible(mods: list[nn.Module]) -> bool:
-        kinds = {type(m) for m in mods}
-        if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear, nn.Embedding):
-            return False
-        if any("bias" in m for m in mods):
-            return False
-        m0 = mods[0]
-        if isinstance(m0, nn.QuantizedLinear):
-            return all((m.group_size, m.bits, getattr(m, "mode", "affine")) ==
-                       (m0.group_size, m0.bits, getattr(m0, "mode", "affine")) for m in mods)
-        return len({(m.weight.shape[1], m.weight.dtype) for m in mods}) == 1
-
-    def valid(self) -> bool:
-        return all(m[n] is v for m, views in self.members for n, v in views.items())
-
-    def __call__(self, x: mx.array) -> mx.array:
-        a = self.arrays
-        if self.quantized:
-            return mx.quantized_matmul(x, a["weight"], scales=a["scales"], biases=a["biases"], transpose=True,
-                                       group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return x @ a["weight"].T
+    kind = "embedding" if isinstance(mods[0], (nn.Embedding, nn.QuantizedEmbedding)) else "linear"
+    quants = {_quant_key(m) for m in mods}
+    quant = quants.pop() if len(quants) == 1 else None
+    names = [n for n in ("weight", "scales", "biases") if n in mods[0]] if quant else ["weight"]
+    arrays = {n: mx.concatenate([getattr(m, n) if quant else _float_weight(m) for m in mods], axis=0)
+              for n in names}
+    if any("bias" in m for m in mods):
+        arrays["bias"] = mx.concatenate([m.bias if "bias" in m else mx.zeros((m.weight.shape[0],), m.weight.dtype)
+                                         for m in mods])
+    mx.eval(arrays)  # materialise now, so the members' arrays can be freed
+    fused = _new_like(kind, quant)
+    for n, a in arrays.items():
+        fused[n] = a
+    return fused
 
 
-def _packed(owner: Any, name: str) -> "_Packed | None":
-    """The owner's packed weights if still current (set by `MusicgenDecoder.pack_for_decode`)."""
-    p = owner.__dict__.get(name)
-    return p if p is not None and p.valid() else None
+def split_rows(fused: nn.Module, n: int) -> list[nn.Module]:
+    """Inverse of `fuse_rows` for n equal members (copies of the row slices)."""
+    kind = "embedding" if isinstance(fused, (nn.Embedding, nn.QuantizedEmbedding)) else "linear"
+    rows = fused.weight.shape[0] // n
+    out = []
+    for i in range(n):
+        m = _new_like(kind, _quant_key(fused))
+        for name in _ROWS:
+            if name in fused:
+                m[name] = mx.array(fused[name][i * rows:(i + 1) * rows])
+        out.append(m)
+    mx.eval([m.parameters() for m in out])
+    return out
 
 
+# ------------------------------------------------------------------------------ modules
 class Attention(nn.Module):
-    """Multi-head attention without biases (names as in the checkpoint: q/k/v/out_proj)."""
+    """Multi-head attention without biases.
+
+    As constructed, the projections are the checkpoint's q_proj/k_proj/v_proj/out_proj. `fuse`
+    (run by `MusicgenDecoder.fuse` after the weights are loaded) merges them into fewer matmuls;
+    the forward methods use only the fused layout.
+    """
 
     def __init__(self, dims: int, num_heads: int):
         super().__init__()
@@ -208,28 +286,45 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dims, dims, bias=False)
         self.out_proj = nn.Linear(dims, dims, bias=False)
 
-    def keys_values(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """K and V of `x` (B, S, dims), each (B, heads, S, head_dim)."""
-        return _split_heads(self.k_proj(x), self.num_heads), _split_heads(self.v_proj(x), self.num_heads)
+    _FUSED: tuple[str, tuple[str, ...]] = ("", ())  # (fused name, checkpoint names) per subclass
 
-    def queries_keys_values(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Q, K, V of `x` (B, T, dims), each (B, heads, T, head_dim); one matmul when packed."""
-        packed = _packed(self, "_qkv")
-        if packed is None:
-            return (_split_heads(self.q_proj(x), self.num_heads), *self.keys_values(x))
-        B, T, _ = x.shape
-        # (B, T, 3h) -> (3, B, heads, T, head_dim): reshape of a contiguous result + a view.
-        qkv = packed(x).reshape(B, T, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+    def fuse(self) -> None:
+        name, parts = self._FUSED
+        setattr(self, name, fuse_rows([getattr(self, p) for p in parts]))
+        for p in parts:
+            delattr(self, p)
 
-    def attend(self, x: mx.array, keys: mx.array, values: mx.array,
-               mask: mx.array | str | None, q: mx.array | None = None) -> mx.array:
-        """Queries from `x` (B, T, dims) (or given, (B, heads, T, head_dim)) attend to given
-        keys/values; returns (B, T, dims)."""
-        if q is None:
-            q = _split_heads(self.q_proj(x), self.num_heads)
+    def unfuse(self) -> None:
+        name, parts = self._FUSED
+        for p, m in zip(parts, split_rows(getattr(self, name), len(parts))):
+            setattr(self, p, m)
+        delattr(self, name)
+
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None) -> mx.array:
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(_merge_heads(out))
+
+
+class SelfAttention(Attention):
+    _FUSED = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+        q, k, v = _split_stacked(self.qkv_proj(x), 3, self.num_heads)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.attend(q, k, v, mask)
+
+
+class CrossAttention(Attention):
+    _FUSED = ("kv_proj", ("k_proj", "v_proj"))
+
+    def keys_values(self, states: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V of the encoder states (B, S, dims), each (B, heads, S, head_dim)."""
+        k, v = _split_stacked(self.kv_proj(states), 2, self.num_heads)
+        return k, v
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
+        return self.attend(_split_heads(self.q_proj(x), self.num_heads), keys, values, mask)
 
 
 class DecoderLayer(nn.Module):
@@ -237,32 +332,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = args.hidden_size, args.layer_norm_eps
         self.self_attn_layer_norm = nn.LayerNorm(h, eps=eps)
-        self.self_attn = Attention(h, args.num_heads)
+        self.self_attn = SelfAttention(h, args.num_heads)
         if args.cross_attention:
             self.encoder_attn_layer_norm = nn.LayerNorm(h, eps=eps)
-            self.encoder_attn = Attention(h, args.num_heads)
+            self.encoder_attn = CrossAttention(h, args.num_heads)
         self.final_layer_norm = nn.LayerNorm(h, eps=eps)
         self.fc1 = nn.Linear(h, args.ffn_dim, bias=False)
         self.fc2 = nn.Linear(args.ffn_dim, h, bias=False)
 
-    def __call__(self, x: mx.array, self_mask: mx.array | str | None,
-                 cache: DecoderCache | None, index: int,
+    def __call__(self, x: mx.array, self_mask: mx.array | str | None, cache: KVCache | None,
                  cross: tuple[mx.array, mx.array, mx.array | None] | None) -> mx.array:
         # Self-attention. With a cache, this call's K/V are written at the offset and the queries
         # attend to the whole fixed-size buffer; `self_mask` hides the slots not yet written.
-        h = self.self_attn_layer_norm(x)
-        q, k, v = self.self_attn.queries_keys_values(h)
-        if cache is not None:
-            start = cache.offset.reshape(1)
-            k = mx.slice_update(cache.keys[index], k.astype(cache.keys[index].dtype), start, axes=(2,))
-            v = mx.slice_update(cache.values[index], v.astype(cache.values[index].dtype), start, axes=(2,))
-            cache.keys[index], cache.values[index] = k, v
-        x = x + self.self_attn.attend(h, k, v, self_mask, q=q)
-
+        x = x + self.self_attn(self.self_attn_layer_norm(x), self_mask, cache)
         if cross is not None:
-            ck, cv, cmask = cross
-            x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), ck, cv, cmask)
-
+            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *cross)
         # GELU MLP; nn.gelu is the exact erf form, as in the reference.
         return x + self.fc2(nn.gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -283,7 +367,19 @@ def _cross_mask(encoder_mask: mx.array | None) -> mx.array | None:
 
 
 class MusicgenDecoder(nn.Module):
-    """Token embeddings, N decoder layers, final LayerNorm and K codebook heads."""
+    """Token embeddings, N decoder layers, final LayerNorm and K codebook heads.
+
+    Constructed with the checkpoint's layout (`embed_tokens.k`, `layers.i.self_attn.q_proj`, ...,
+    `lm_heads.k`), which is what `load_weights` checks and loads. `fuse()` then rewrites it to the
+    layout the forward runs (one matmul/gather where the checkpoint has several):
+
+        embed_tokens.0..K-1                  -> embed      (K*(vocab+1) rows; codebook k at k*(vocab+1))
+        layers.i.self_attn.{q,k,v}_proj      -> layers.i.self_attn.qkv_proj
+        layers.i.encoder_attn.{k,v}_proj     -> layers.i.encoder_attn.kv_proj
+        lm_heads.0..K-1                      -> lm_head    (K*vocab output rows)
+
+    `unfuse()` restores the checkpoint layout. The forward requires the fused layout.
+    """
 
     def __init__(self, args: DecoderArgs):
         super().__init__()
@@ -295,18 +391,50 @@ class MusicgenDecoder(nn.Module):
         self.layer_norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.lm_heads = [nn.Linear(args.hidden_size, args.vocab_size, bias=False)
                          for _ in range(args.num_codebooks)]
+        self._fused = False
+
+    # ---------------------------------------------------------------- layout
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def fuse(self) -> None:
+        """Checkpoint layout -> runtime layout (see the class docstring). Idempotent. Works on
+        float and quantized (nn.quantize'd) members alike; the fused arrays are evaluated here."""
+        if self._fused:
+            return
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            if self.args.cross_attention:
+                layer.encoder_attn.fuse()
+        self.embed = fuse_rows(self.embed_tokens)
+        self.lm_head = fuse_rows(self.lm_heads)
+        del self.embed_tokens, self.lm_heads
+        self._fused = True
+
+    def unfuse(self) -> None:
+        """Runtime layout -> checkpoint layout (row slices of the fused arrays). Idempotent."""
+        if not self._fused:
+            return
+        for layer in self.layers:
+            layer.self_attn.unfuse()
+            if self.args.cross_attention:
+                layer.encoder_attn.unfuse()
+        self.embed_tokens = split_rows(self.embed, self.args.num_codebooks)
+        self.lm_heads = split_rows(self.lm_head, self.args.num_codebooks)
+        del self.embed, self.lm_head
+        self._fused = False
+
+    def pack_for_decode(self) -> None:
+        pass  # removed; kept until runtime/generate.py is replaced
 
     # ----------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int, dtype: mx.Dtype | None = None) -> DecoderCache:
-        """An empty cache for `batch_size` rows and `max_len` positions (prefix + prompt + steps)."""
+        """An empty cache for `batch_size` rows and `max_len` positions (prefix + prompt + steps).
+        dtype defaults to the float dtype of the decoder's norms."""
         a = self.args
-        dtype = dtype or self.layers[0].self_attn.k_proj.weight.dtype
-        shape = (batch_size, a.num_heads, max_len, a.head_dim)
-        return DecoderCache({
-            "keys": [mx.zeros(shape, dtype) for _ in range(a.num_layers)],
-            "values": [mx.zeros(shape, dtype) for _ in range(a.num_layers)],
-            "offset": mx.array(0, dtype=mx.int32),
-        })
+        return DecoderCache.empty(a.num_layers, batch_size, a.num_heads, max_len, a.head_dim,
+                                  dtype or self.layer_norm.weight.dtype)
 
     def set_cross_attention(self, cache: DecoderCache, encoder_states: mx.array,
                             encoder_mask: mx.array | None = None) -> None:
@@ -317,51 +445,30 @@ class MusicgenDecoder(nn.Module):
         """
         if not self.args.cross_attention:
             raise ValueError("this decoder has no cross-attention (melody models take a prefix)")
-        keys, values = [], []
-        for layer in self.layers:
-            k, v = layer.encoder_attn.keys_values(encoder_states)
-            keys.append(k)
-            values.append(v)
-        cache.state["cross_keys"] = keys
-        cache.state["cross_values"] = values
+        self._check_fused()
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            layer_cache.set_cross(*layer.encoder_attn.keys_values(encoder_states))
         mask = _cross_mask(encoder_mask)
         cache.state["cross_mask"] = mask if mask is not None else mx.ones(
             (encoder_states.shape[0], 1, 1, encoder_states.shape[1]), dtype=mx.bool_)
 
     # --------------------------------------------------------------- forward
-    def pack_for_decode(self) -> None:
-        """Pack q/k/v of every self-attention, the K heads and the K embedding tables into one
-        matrix each (no extra memory; see `_Packed`). Idempotent; call outside `mx.compile`."""
-        def pack(owner: Any, name: str, mods: list[nn.Module]) -> None:
-            if _packed(owner, name) is None and _Packed.compatible(mods):
-                owner.__dict__[name] = _Packed(mods)
-
-        for layer in self.layers:
-            a = layer.self_attn
-            pack(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj])
-        pack(self, "_heads", list(self.lm_heads))
-        pack(self, "_embed", list(self.embed_tokens))
+    def _check_fused(self) -> None:
+        if not self._fused:
+            raise RuntimeError("MusicgenDecoder runs in the fused layout: call fuse() after setting "
+                               "weights (MusicGen.load_weights does it)")
 
     def embed_codes(self, codes: mx.array) -> mx.array:
-        """Sum of the K codebook embeddings: codes (B, K, T) -> (B, T, h)."""
-        packed = _packed(self, "_embed")
-        if packed is not None:  # one gather from the stacked tables, codebook k at rows k*(V+1)...
-            rows = self.args.vocab_size + 1
-            offsets = (mx.arange(self.args.num_codebooks, dtype=codes.dtype) * rows)[None, :, None]
-            return packed.arrays["weight"][codes + offsets].sum(axis=1)
-        x = self.embed_tokens[0](codes[:, 0])
-        for k in range(1, self.args.num_codebooks):
-            x = x + self.embed_tokens[k](codes[:, k])
-        return x
+        """Sum of the K codebook embeddings: codes (B, K, T) -> (B, T, h); one gather."""
+        rows = self.args.vocab_size + 1
+        offsets = (mx.arange(self.args.num_codebooks, dtype=codes.dtype) * rows)[None, :, None]
+        return self.embed(codes + offsets).sum(axis=1)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab)."""
-        packed = _packed(self, "_heads")
-        if packed is not None:  # (B, T, K*V) from one matmul -> (B, K, T, V)
-            B, T, _ = hidden.shape
-            out = packed(hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
-            return out.transpose(0, 2, 1, 3)
-        return mx.stack([head(hidden) for head in self.lm_heads], axis=1)
+        """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab); one matmul."""
+        B, T, _ = hidden.shape
+        out = self.lm_head(hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
+        return out.transpose(0, 2, 1, 3)
 
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,
                  encoder_states: mx.array | None = None, encoder_mask: mx.array | None = None,
@@ -381,6 +488,7 @@ class MusicgenDecoder(nn.Module):
         `prefix` (B, P, h): melody conditioning embeddings (see `MusicGen.melody_prefix`);
         no logits are returned for its positions.
         """
+        self._check_fused()
         a = self.args
         x = self.embed_codes(codes)
         P = 0
@@ -392,16 +500,18 @@ class MusicgenDecoder(nn.Module):
         if cache is None:
             positions = mx.arange(L)
             self_mask: mx.array | str | None = "causal" if L > 1 else None
+            layer_caches: list[KVCache | None] = [None] * len(self.layers)
         else:
             positions = cache.offset + mx.arange(L)
             # Slot j of the buffer is visible to the query at absolute position p iff j <= p;
-            # slots beyond the newest position hold stale zeros and are hidden.
+            # slots beyond the newest position hold stale values and are hidden.
             self_mask = mx.arange(cache.max_len)[None, :] <= positions[:, None]
+            layer_caches = cache.layers
         x = x + sinusoidal_positions(positions, a.hidden_size).astype(x.dtype)
 
         cross_for = self._cross_attention_inputs(cache, encoder_states, encoder_mask)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, self_mask, cache, i, cross_for(i))
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
+            x = layer(x, self_mask, layer_cache, cross_for(i))
         if cache is not None:
             cache.offset = cache.offset + L
 
@@ -419,7 +529,6 @@ class MusicgenDecoder(nn.Module):
             mask = _cross_mask(encoder_mask)
             return lambda i: (*self.layers[i].encoder_attn.keys_values(encoder_states), mask)
         if cache is not None and cache.has_cross_attention:
-            s = cache.state
-            return lambda i: (s["cross_keys"][i], s["cross_values"][i], s["cross_mask"])
+            return lambda i: cache.layers[i].cross()
         raise ValueError("cross-attention needs encoder_states, or a cache prepared with "
                          "set_cross_attention()")

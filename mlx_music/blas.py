@@ -41,7 +41,9 @@ _MKL_THREADING_INTEL = 0
 _MKL_THREADING_SEQUENTIAL = 1
 
 # Module state: what preload_fast_blas did and why (blas_info reports it).
-_state: dict[str, Any] = {"path": None, "reason": "preload_fast_blas() not called", "threading": None}
+_state: dict[str, Any] = {"path": None, "reason": "preload_fast_blas() not called", "threading": None,
+                          "attempted": False}
+_INSTALL_HINT = "pip install 'mlx-music[fast-cpu]'"
 _mkl_handle: ctypes.CDLL | None = None
 
 
@@ -134,11 +136,17 @@ def preload_fast_blas() -> str | None:
     """Load MKL globally so MLX's CPU GEMM uses it. Call before `import mlx.core`.
 
     Returns the loaded library path, or None when skipped (reason in `blas_info()["reason"]`).
-    Idempotent; never raises.
+    Idempotent: the first call decides (a later call cannot undo an early `import mlx.core`, and
+    must not replace the first call's true reason with "imported before"). Never raises.
     """
-    global _mkl_handle
-    if _state["path"]:
+    if _state["attempted"]:
         return _state["path"]
+    _state["attempted"] = True
+    return _preload()
+
+
+def _preload() -> str | None:
+    global _mkl_handle
     if not sys.platform.startswith("linux"):
         _state["reason"] = "not Linux (MLX uses Accelerate on macOS)" if sys.platform == "darwin" \
             else f"unsupported platform {sys.platform}"
@@ -146,19 +154,30 @@ def preload_fast_blas() -> str | None:
     if os.environ.get("MLX_MUSIC_BLAS", "").lower() in ("reference", "none", "off", "0"):
         _state["reason"] = "disabled by MLX_MUSIC_BLAS"
         return None
-    if "mlx.core" in sys.modules:
-        # libmlx's symbols may already be bound to the bundled BLAS; a late load would be a lie.
-        _state["reason"] = "mlx.core was imported before preload_fast_blas()"
-        return None
+    # Reasons are checked in the order that makes each one true on its own: MKL missing is the
+    # reason whatever the import order, and "imported before" only when MKL is there to load.
     path = find_mkl_rt()
     if path is None:
-        _state["reason"] = "libmkl_rt.so not found (pip install mkl)"
+        import platform
+
+        machine = platform.machine().lower()
+        if machine not in ("x86_64", "amd64"):
+            _state["reason"] = (f"MKL is not installed (Intel MKL has no {machine} build; MLX uses its "
+                                "bundled reference BLAS)")
+        else:
+            _state["reason"] = f"MKL is not installed; install it with: {_INSTALL_HINT}"
+        return None
+    if "mlx.core" in sys.modules:
+        # libmlx's symbols may already be bound to the bundled BLAS; a late load would be a lie.
+        _state["reason"] = ("mlx.core was imported before preload_fast_blas() (import mlx_music "
+                            "before mlx.core)")
         return None
     d = path.parent
     # libmkl_rt dlopens these lazily at the first BLAS call and calls exit() if they are missing,
     # so check now while we can still fall back to the reference BLAS.
     if not (_lib_present(d, "libmkl_core") and _lib_present(d, "libmkl_intel_lp64")):
-        _state["reason"] = f"incomplete MKL install in {d} (libmkl_core/libmkl_intel_lp64 missing)"
+        _state["reason"] = (f"incomplete MKL install in {d} (libmkl_core/libmkl_intel_lp64 missing); "
+                            f"reinstall it with: pip install --force-reinstall mkl")
         return None
     threading = os.environ.get("MKL_THREADING_LAYER")
     if threading is None and _lib_present(d, "libmkl_gnu_thread"):
@@ -171,7 +190,8 @@ def preload_fast_blas() -> str | None:
         elif _lib_present(d, "libmkl_sequential"):
             threading = "sequential"
         else:
-            _state["reason"] = f"no usable MKL threading library in {d}"
+            _state["reason"] = (f"no usable MKL threading library in {d}; reinstall it with: "
+                                "pip install --force-reinstall mkl intel-openmp")
             return None
     try:
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)

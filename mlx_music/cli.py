@@ -325,10 +325,13 @@ def doctor():
     """Show versions, the MLX device and which BLAS MLX's CPU kernels use."""
     import platform
 
-    import mlx_music.runtime  # noqa: F401  # preloads the fast BLAS before mlx.core
-    import mlx.core as mx
+    from mlx_music.blas import blas_info, preload_fast_blas
 
-    from mlx_music.blas import blas_info
+    # The same preload a generation does, before MLX is imported here, so the line below reports
+    # what `generate` would really use (idempotent: `import mlx_music` normally did it already,
+    # and then its first, true reason stands).
+    preload_fast_blas()
+    import mlx.core as mx
 
     info = blas_info()
     click.echo(f"python   {platform.python_version()} ({platform.platform()})")

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from mlx_music.converters.convert import convert_checkpoint  # noqa: E402
 from mlx_music.models.musicgen import MusicGen  # noqa: E402
+from mlx_music.models.musicgen_decoder import sinusoidal_positions  # noqa: E402
 from tests.tiny_models import build_model, write_hub_folder  # noqa: E402
 
 ATOL = 1e-4
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_mlx_folder(folder: Path) -> MusicGen:
     cfg = json.loads((folder / "config.json").read_text())
-    model = MusicGen.from_config(cfg)
+    model = MusicGen(cfg)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     weights: dict[str, mx.array] = {}
     for name in sorted(set(index["weight_map"].values())):
@@ -134,7 +135,8 @@ def test_kv_cache_steps_equal_full_forward(models, arch):
         cache = model.make_cache(c.shape[0], max_len=prefix + T + 5)  # slack: masked slots
         outs = [model.prefill(c[:, :, :3], cache, text_states=states, text_mask=m,
                               chroma=_mx(chroma))]
-        step = model.compile_step(cache) if compiled else (lambda x: model.step(x, cache))
+        step = ((mx.compile(lambda x: model.step(x, cache), inputs=cache.state, outputs=cache.state))
+                if compiled else (lambda x: model.step(x, cache)))
         for t in range(3, T):
             outs.append(step(c[:, :, t:t + 1]))
         inc = np.concatenate([np.array(o) for o in outs], axis=2)
@@ -197,6 +199,7 @@ def test_load_weights_names_bad_keys(models):
     _, model = models("mono")
     from mlx.utils import tree_flatten
 
+    model.unfuse()  # checkpoint layout: the names load_weights checks
     weights = dict(tree_flatten(model.parameters()))
     w = dict(weights)
     w.pop("decoder.layer_norm.bias")
@@ -204,8 +207,122 @@ def test_load_weights_names_bad_keys(models):
     w["enc_to_dec_proj.weight"] = mx.zeros((3, 3))
     with pytest.raises(ValueError) as e:
         model.load_weights(w)
+    assert not model.decoder.fused  # it was unfused when called
     msg = str(e.value)
     assert "decoder.layer_norm.bias" in msg and "missing" in msg
     assert "decoder.bogus.weight" in msg and "unexpected" in msg
     assert "enc_to_dec_proj.weight" in msg and "mis-shaped" in msg
-    model.load_weights(weights)  # restore
+    model.load_weights(weights)  # restore (load_weights unfuses first, then fuses again)
+    assert model.decoder.fused
+
+
+def _tiny_config(cross_attention: bool = True, K: int = 4) -> dict:
+    return {"model_type": "musicgen" if cross_attention else "musicgen_melody",
+            "text_encoder": {"vocab_size": 99, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 1,
+                             "num_heads": 4, "relative_attention_num_buckets": 8,
+                             "relative_attention_max_distance": 16},
+            "decoder": {"vocab_size": 2048, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128,
+                        "num_codebooks": K, "cross_attention": cross_attention},
+            "melody": {"num_chroma": 12, "chroma_length": 6},
+            "audio_encoder": {"audio_channels": 1, "num_filters": 2, "hidden_size": 16, "num_residual_layers": 1,
+                              "num_lstm_layers": 2, "upsampling_ratios": [8, 5, 4, 4], "compress": 2,
+                              "codebook_size": 2048, "codebook_dim": 16, "num_quantizers": 4}}
+
+
+def _random_model(cross_attention: bool = True, quantize: bool = False) -> MusicGen:
+    """A tiny MusicGen with checkpoint-layout random weights loaded through load_weights."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(0)
+    model = MusicGen(_tiny_config(cross_attention))
+    if quantize:  # the runtime's loader: nn.quantize on checkpoint module paths, then load_weights
+        nn.quantize(model, group_size=32, bits=4,
+                    class_predicate=lambda path, m: path.startswith("decoder.") and hasattr(m, "to_quantized"))
+    weights = {k: mx.random.normal(v.shape).astype(v.dtype) * 0.2 if v.dtype != mx.uint32 else v
+               for k, v in tree_flatten(model.parameters())}
+    return model.load_weights(weights)
+
+
+def test_constructed_model_has_checkpoint_layout_and_load_fuses():
+    from mlx.utils import tree_flatten
+
+    cfg = _tiny_config()
+    names = {k for k, _ in tree_flatten(MusicGen(cfg).parameters())}
+    assert {"decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.1.encoder_attn.v_proj.weight",
+            "decoder.embed_tokens.3.weight", "decoder.lm_heads.0.weight"} <= names
+    model = _random_model()
+    fused = dict(tree_flatten(model.parameters()))
+    assert fused["decoder.layers.0.self_attn.qkv_proj.weight"].shape == (192, 64)
+    assert fused["decoder.layers.0.encoder_attn.kv_proj.weight"].shape == (128, 64)
+    assert fused["decoder.layers.0.encoder_attn.q_proj.weight"].shape == (64, 64)
+    assert fused["decoder.embed.weight"].shape == (4 * 2049, 64)
+    assert fused["decoder.lm_head.weight"].shape == (4 * 2048, 64)
+    assert not any(k.startswith(("decoder.lm_heads.", "decoder.embed_tokens.")) or "self_attn.q_proj" in k
+                   for k in fused)
+    with pytest.raises(RuntimeError, match="fuse"):
+        MusicGen(cfg)(mx.zeros((1, 4, 2), dtype=mx.int32), mx.zeros((1, 3, 64)), mx.ones((1, 3)))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fused_equals_checkpoint_modules(quantize):
+    """The fused forward equals one computed from the checkpoint-layout modules (unfuse)."""
+    import mlx.nn as nn
+
+    model = _random_model(quantize=quantize)
+    dec = model.decoder
+    if quantize:
+        assert isinstance(dec.lm_head, nn.QuantizedLinear) and isinstance(dec.embed, nn.QuantizedEmbedding)
+        assert isinstance(dec.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)
+    codes = mx.random.randint(0, 2049, (2, 4, 5))
+    states = mx.random.normal((2, 3, 64))
+    fused_logits = model(codes, states, mx.ones((2, 3)))
+    model.unfuse()
+    if quantize:
+        assert isinstance(dec.lm_heads[2], nn.QuantizedLinear) and isinstance(dec.embed_tokens[0], nn.QuantizedEmbedding)
+    # Reference forward through the checkpoint modules, one projection at a time.
+    x = sum(dec.embed_tokens[k](codes[:, k]) for k in range(4))
+    x = x + sinusoidal_positions(mx.arange(5), 64)
+    causal = nn.MultiHeadAttention.create_additive_causal_mask(5)
+    for layer in dec.layers:
+        a, c = layer.self_attn, layer.encoder_attn
+        heads = lambda t: t.reshape(2, t.shape[1], 4, -1).transpose(0, 2, 1, 3)
+        h = layer.self_attn_layer_norm(x)
+        o = mx.fast.scaled_dot_product_attention(heads(a.q_proj(h)), heads(a.k_proj(h)), heads(a.v_proj(h)),
+                                                 scale=a.scale, mask=causal)
+        x = x + a.out_proj(o.transpose(0, 2, 1, 3).reshape(2, 5, 64))
+        h = layer.encoder_attn_layer_norm(x)
+        o = mx.fast.scaled_dot_product_attention(heads(c.q_proj(h)), heads(c.k_proj(states)),
+                                                 heads(c.v_proj(states)), scale=c.scale)
+        x = x + c.out_proj(o.transpose(0, 2, 1, 3).reshape(2, 5, 64))
+        x = x + layer.fc2(nn.gelu(layer.fc1(layer.final_layer_norm(x))))
+    x = dec.layer_norm(x)
+    ref = mx.stack([head(x) for head in dec.lm_heads], axis=1)
+    assert _maxdiff(fused_logits, ref) <= ATOL
+    model.fuse()
+    assert _maxdiff(model(codes, states, mx.ones((2, 3))), fused_logits) == 0.0
+
+
+@pytest.mark.parametrize("cross_attention", [True, False])
+def test_compiled_step_equals_eager_step(cross_attention):
+    """The runtime's pattern: make_cache, prefill, then mx.compile(step, inputs/outputs=cache.state),
+    reusing the cache by resetting its offset. 20 compiled steps give the eager logits exactly."""
+    model = _random_model(cross_attention)
+    B, K, steps = 2, 4, 20
+    codes = mx.random.randint(0, 2049, (B, K, steps + 1))
+    text = mx.random.normal((B, 3, 64))
+    mask = mx.array([[1, 1, 1], [1, 0, 0]])
+    prefix = 0 if cross_attention else model.chroma_length + 3
+    cache = model.make_cache(B, prefix + steps + 4, mx.float32)
+    assert len(cache.layers) == 2 and cache.layers[0].state["keys"].shape == (B, 4, prefix + steps + 4, 16)
+    compiled = mx.compile(lambda c: model.step(c, cache), inputs=cache.state, outputs=cache.state)
+    runs = []
+    for use_compiled in (False, True, True):  # the second compiled run reuses the cache and trace
+        cache.offset = mx.array(0, dtype=mx.int32)
+        outs = [model.prefill(codes[:, :, :1], cache, text_states=text, text_mask=mask)]
+        for t in range(1, steps + 1):
+            c = codes[:, :, t:t + 1]
+            outs.append(compiled(c) if use_compiled else model.step(c, cache))
+        assert int(cache.offset) == prefix + steps + 1
+        runs.append(np.concatenate([np.array(o) for o in outs], axis=2))
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])

@@ -388,7 +388,7 @@ def _reference_chroma_extractor(hf_path: str) -> tuple[Any, Any, bool]:
     except ImportError:
         shim = True
     if shim:
-        path = Path(__file__).resolve().parents[1] / "tests" / "torchaudio_shim.py"
+        path = Path(__file__).resolve().parents[2] / "tests" / "torchaudio_shim.py"  # mlx_music/eval/ -> repo
         if not path.exists():
             raise ParityError("melody parity needs torchaudio (or tests/torchaudio_shim.py from the repo)")
         spec = importlib.util.spec_from_file_location("mlx_music_torchaudio_shim", path)
