@@ -425,9 +425,6 @@ class MusicgenDecoder(nn.Module):
         del self.embed, self.lm_head
         self._fused = False
 
-    def pack_for_decode(self) -> None:
-        pass  # removed; kept until runtime/generate.py is replaced
-
     # ----------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int, dtype: mx.Dtype | None = None) -> DecoderCache:
         """An empty cache for `batch_size` rows and `max_len` positions (prefix + prompt + steps).

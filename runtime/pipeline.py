@@ -164,7 +164,6 @@ class MusicGenPipeline:
         key = (rows, max_len, rs.static, self.compile_step)
         loop = self._loops.get(key)
         if loop is None or not loop.matches(self.model):
-            self.model.decoder.pack_for_decode()
             loop = TokenLoop(self.model, 2 * rows if rs.cfg else rows, max_len, rs.static, self.compile_step)
             self._loops = {k: v for k, v in self._loops.items() if v.busy}  # bound memory
             self._loops[key] = loop
