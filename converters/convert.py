@@ -73,10 +73,9 @@ def parse_size(text: str | int) -> int:
 def load_source_config(folder: Path) -> tuple[dict, dict]:
     """(MLX config, facts) for an HF checkpoint folder."""
     hf = read_json(folder / "config.json", "config.json")
-    gen_path, pre_path = folder / "generation_config.json", folder / "preprocessor_config.json"
-    gen = read_json(gen_path, "generation_config.json") if gen_path.exists() else None
+    pre_path = folder / "preprocessor_config.json"
     pre = read_json(pre_path, "preprocessor_config.json") if pre_path.exists() else None
-    cfg = build_mlx_config(hf, str(folder / "config.json"), gen, pre)
+    cfg = build_mlx_config(hf, str(folder / "config.json"), pre)
     return cfg, config_facts(cfg)
 
 
@@ -239,13 +238,12 @@ def convert_checkpoint(
     if out.exists() and not force:
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
 
-    base_manifest = load_manifest(variant) if variant else custom_manifest("musicgen")
+    base_manifest = load_manifest(variant) if variant else custom_manifest()
     source: Source = _resolve_source(str(hf_path), base_manifest.files, revision)
     cfg, facts = load_source_config(source.folder)
     manifest = pick_manifest(facts, variant, str(source.folder / "config.json"))
     cfg["variant"] = manifest.name
     cfg["dtype"] = dtype
-    cfg["generation"] = {**cfg["generation"], **{k: v for k, v in manifest.generation.items() if k == "max_duration"}}
 
     reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
     plan = plan_for(reader.tensors, manifest, cfg, str(source.folder / "config.json"))

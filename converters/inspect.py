@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .errors import ConvertError, SourceError
 
-_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """key -> (dtype, shape, begin, end) of a safetensors file, validated, without reading data."""
@@ -42,19 +40,17 @@ def _inspect_mlx(folder: Path, cfg: dict) -> dict:
         tensors.update(read_safetensors_header(folder / shard))
     dtypes = Counter(t[0] for t in tensors.values())
     nbytes = sum(t[3] - t[2] for t in tensors.values())
-    expected = expected_shapes(cfg)
-    q = (cfg.get("quantization") or {}).get("modules", {})
-    present = {k for k in tensors if not k.endswith((".scales", ".biases"))}
-    wrong = [k for k in expected if k in tensors and k[:-7] not in q and tuple(tensors[k][1]) != tuple(expected[k])]
-    params = sum(int(_prod(expected[k])) for k in expected)
+    expected = expected_shapes(cfg, quantized=True)  # packed weights, scales and biases included
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k][1]) != tuple(expected[k])]
+    params = sum(int(_prod(shape)) for shape in expected_shapes(cfg).values())
     return {
         "path": str(folder), "format": "mlx", "variant": cfg.get("variant") or "custom",
         "model_type": cfg["model_type"], "audio_channels": cfg["audio_channels"],
         "num_codebooks": cfg["num_codebooks"], "tensors": len(tensors), "parameters": params,
         "dtypes": dict(dtypes), "bytes": nbytes, "quantization": cfg.get("quantization"),
         "shards": len(set(index["weight_map"].values())),
-        "manifest_diff": {"missing": sorted(set(expected) - present),
-                          "unexpected": sorted(present - set(expected)), "wrong_shape": sorted(wrong)},
+        "manifest_diff": {"missing": sorted(set(expected) - set(tensors)),
+                          "unexpected": sorted(set(tensors) - set(expected)), "wrong_shape": sorted(wrong)},
     }
 
 

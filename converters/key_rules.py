@@ -129,6 +129,10 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
     if unmatched and strict:
         raise CompletenessError(f"source tensors matched by no rule (unexpected keys): {name_some(unmatched)}")
 
+    for r in rules.get("layout", []):
+        if "pattern" not in r:  # a rule naming an MLX module type needs the model's keys
+            raise ManifestError(f"manifest rule {r['name']}: layout rule names module {r.get('module')!r} but no "
+                                "keys; pass the rules through mlx_config.with_config_rules(rules, cfg)")
     layouts = [(_compile(r["pattern"], r["name"]), tuple(r["transpose"]), r["name"]) for r in rules.get("layout", [])]
     for r in recipes.values():
         base = source[r.sources[-1]].shape  # weight_norm: v carries the full shape

@@ -1,6 +1,17 @@
 """Variant manifests: TOML data (key rules, dtype and quantize policy, expected config values).
 
 A variant file names a base with `extends`; tables merge key by key, rule lists concatenate.
+Every field is read by the converter; a field not in FIELDS is an error, so the files cannot
+accumulate settings nothing reads:
+
+  [variant]   name, repo_id (hub source), license (model card fallback)
+  [expect]    config facts (mlx_config.config_facts) the checkpoint must have
+  [files]     config, tokenizer, extra, weights_preference, weights.<format>: hub files to fetch
+  [rules]     alias, drop, weight_norm, sum, rename, layout: key_rules.build_plan
+  [dtype]     keep_float32: output keys kept float32 under --dtype
+  [quantize]  include, exclude, recipes.<name>.{high_bits, high}: which modules --quantize touches
+
+Generation defaults are not manifest data: they come from runtime.sampling (see mlx_config).
 """
 
 from __future__ import annotations
@@ -15,20 +26,57 @@ from mlx_music.manifests import MANIFEST_DIR
 from .errors import ManifestError
 
 
+# table -> allowed keys (None: any key, e.g. [expect]); rule kind -> allowed keys of one rule.
+FIELDS: dict[str, set[str] | None] = {
+    "variant": {"name", "repo_id", "license"},
+    "expect": None,
+    "files": {"config", "tokenizer", "extra", "weights_preference", "weights"},
+    "rules": {"alias", "drop", "weight_norm", "sum", "rename", "layout"},
+    "dtype": {"keep_float32"},
+    "quantize": {"include", "exclude", "recipes"},
+}
+RULE_FIELDS = {
+    "alias": {"name", "key", "alternatives"},
+    "drop": {"name", "pattern"},
+    "weight_norm": {"name", "g", "v", "out"},
+    "sum": {"name", "pattern", "out", "count"},
+    "rename": {"pattern", "to"},
+    "layout": {"name", "module", "parameter", "pattern", "transpose"},
+}
+RECIPE_FIELDS = {"high_bits", "high"}
+
+
 @dataclass
 class Manifest:
     name: str | None  # None for a checkpoint that matches no known variant ("custom")
     repo_id: str | None
-    architecture: str
     license: str | None
     expect: dict[str, Any]
     files: dict[str, Any]
     rules: dict[str, list[dict[str, Any]]]
     dtype: dict[str, Any]
     quantize: dict[str, Any]
-    generation: dict[str, Any]
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _check_fields(data: dict, path: Path | None) -> None:
+    """Refuse fields nothing reads (a typo, or a setting that was dropped)."""
+    def unknown(where: str, got, allowed) -> None:
+        extra = sorted(set(got) - set(allowed))
+        if extra:
+            raise ManifestError(f"{path}: unknown field(s) {', '.join(extra)} in {where}; "
+                                f"expected some of {', '.join(sorted(allowed))}")
+
+    unknown("the top level", data, FIELDS)
+    for table, allowed in FIELDS.items():
+        if allowed is not None and isinstance(data.get(table), dict):
+            unknown(f"[{table}]", data[table], allowed)
+    for kind, rules in data.get("rules", {}).items():
+        for rule in rules:
+            unknown(f"[[rules.{kind}]]", rule, RULE_FIELDS[kind])
+    for name, recipe in data.get("quantize", {}).get("recipes", {}).items():
+        unknown(f"[quantize.recipes.{name}]", recipe, RECIPE_FIELDS)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -63,12 +111,12 @@ def _from_dict(data: dict, path: Path | None) -> Manifest:
     for table in ("files", "rules", "dtype", "quantize"):
         if table not in data:
             raise ManifestError(f"{path}: missing table [{table}]")
+    _check_fields(data, path)
     return Manifest(
         name=variant.get("name"), repo_id=variant.get("repo_id"),
-        architecture=variant.get("architecture", data.get("expect", {}).get("model_type", "")),
         license=variant.get("license"), expect=dict(data.get("expect", {})),
         files=data["files"], rules=data["rules"], dtype=data["dtype"], quantize=data["quantize"],
-        generation=data.get("generation", {}), path=path, raw=data)
+        path=path, raw=data)
 
 
 def variant_names(manifest_dir: Path = MANIFEST_DIR) -> list[str]:
@@ -87,10 +135,10 @@ def load_manifest(name_or_path: str | Path, manifest_dir: Path = MANIFEST_DIR) -
     return _from_dict(_read_toml(p), p)
 
 
-def custom_manifest(architecture: str, manifest_dir: Path = MANIFEST_DIR) -> Manifest:
+def custom_manifest(manifest_dir: Path = MANIFEST_DIR) -> Manifest:
     """The shared rules alone, for a checkpoint that is MusicGen-shaped but no known variant."""
     data = _read_toml(manifest_dir / "_base.toml")
-    data["variant"] = {"name": None, "architecture": architecture}
+    data["variant"] = {"name": None}
     return _from_dict(data, manifest_dir / "_base.toml")
 
 
@@ -120,4 +168,4 @@ def detect_variant(facts: dict[str, Any], manifest_dir: Path = MANIFEST_DIR) -> 
         return matches[0]
     if len(matches) > 1:  # pragma: no cover - manifests are mutually exclusive by design
         raise ManifestError(f"config matches several variants: {[m.name for m in matches]}")
-    return custom_manifest(facts.get("model_type", "musicgen"), manifest_dir)
+    return custom_manifest(manifest_dir)

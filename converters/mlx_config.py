@@ -1,16 +1,32 @@
-"""Hugging Face MusicGen config.json → the MLX config.json the runtime reads, and the tensor
-shapes that config implies (the converter's "expected outputs")."""
+"""Hugging Face MusicGen config.json → the MLX config.json the runtime reads, and the tensors that
+config implies (the converter's "expected outputs"), read off the MLX model built for it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
 
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
+
+try:
+    from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
+except ImportError:  # TODO: import DEFAULTS from runtime.sampling (drop this copy once it exists there)
+    SAMPLING_DEFAULTS = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250, "top_p": 0.0, "greedy": False}
+
+# Length of the window MusicGen was trained on and generates in one pass (longer audio slides it).
+# A property of every MusicGen checkpoint, not of sampling: written to config.json from here only.
+MAX_DURATION = 30.0
+
+
+def generation_config() -> dict[str, Any]:
+    """config.json["generation"]: the runtime's sampling defaults plus the window length."""
+    return {**SAMPLING_DEFAULTS, "max_duration": MAX_DURATION}
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -54,8 +70,7 @@ def _get(cfg: dict, key: str, source: str, section: str, default: Any = ...,
     raise ManifestError(f"{source}: config.json is missing required field {section}.{key}")
 
 
-def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
-                     preprocessor: dict | None = None) -> dict:
+def build_mlx_config(hf: dict, source: str, preprocessor: dict | None = None) -> dict:
     """Everything the runtime needs, so it never parses a Hugging Face config."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -168,11 +183,7 @@ def build_mlx_config(hf: dict, source: str, generation: dict | None = None,
         "scale_embedding": False,
     }
 
-    gen = {"guidance_scale": 3.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0,
-           "do_sample": True, "max_duration": 30.0}
-    for k in ("guidance_scale", "top_k", "top_p", "temperature", "do_sample"):
-        if generation and generation.get(k) is not None:
-            gen[k] = generation[k]
+    gen = generation_config()
 
     cfg = {
         "format": "mlx-music", "format_version": 1,
@@ -204,9 +215,24 @@ def config_rules(cfg: dict) -> dict[str, list[dict[str, Any]]]:
                       "pattern": rf"^audio_encoder\.quantizer\.layers\.(?!(?:{keep})\.)\d+\."}]}
 
 
+def _layout_rule(rule: dict, cfg: dict) -> dict:
+    """A layout rule that names a module type (`module`, `parameter`) -> the same rule with a
+    `pattern` matching exactly the checkpoint keys of that parameter in modules of that type in the
+    MLX model for cfg (e.g. which EnCodec layers are ConvTranspose1d)."""
+    if "module" not in rule:
+        return rule
+    suffix = "." + rule.get("parameter", "weight")
+    keys = sorted(k for k, (_shape, module) in model_parameters(cfg).items()
+                  if module == rule["module"] and k.endswith(suffix))
+    pattern = "^(?:" + "|".join(re.escape(k) for k in keys) + ")$" if keys else r"(?!)"
+    return {**{k: v for k, v in rule.items() if k not in ("module", "parameter")}, "pattern": pattern}
+
+
 def with_config_rules(rules: dict, cfg: dict) -> dict:
-    """The manifest's rules plus config_rules(cfg) (lists concatenate)."""
+    """The manifest's rules made concrete for cfg: layout rules that name an MLX module type get
+    the keys of that type (see _layout_rule), and config_rules(cfg) is added (lists concatenate)."""
     out = dict(rules)
+    out["layout"] = [_layout_rule(r, cfg) for r in rules.get("layout", [])]
     for kind, extra in config_rules(cfg).items():
         out[kind] = list(out.get(kind, [])) + extra
     return out
@@ -230,112 +256,35 @@ def config_facts(cfg: dict) -> dict[str, Any]:
     return facts
 
 
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor an MLX checkpoint of this config holds, with its shape (unquantized).
+def _tree_key(cfg: dict, quantized: bool) -> str:
+    return json.dumps({**cfg, "quantization": cfg.get("quantization") if quantized else None}, sort_keys=True)
 
-    Written out from the architecture so the converter can check completeness before reading a
-    byte; tests check it against the MLX model's own parameter tree.
+
+@functools.lru_cache(maxsize=8)
+def _model_parameters(key: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    from mlx.utils import tree_flatten
+
+    from mlx_music.runtime.loader import build_model
+
+    model = build_model(json.loads(key))
+    modules = {path: type(m).__name__ for path, m in model.named_modules()}
+    # Parameters of a freshly built model are lazy: reading .shape allocates nothing.
+    return {k: (tuple(v.shape), modules[k.rpartition(".")[0]])
+            for k, v in tree_flatten(model.parameters())}
+
+
+def model_parameters(cfg: dict, *, quantized: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor an MLX checkpoint of this config holds -> (shape, class name of the MLX module
+    that holds it, e.g. "Linear", "ConvTranspose1d", "QuantizedLinear").
+
+    Read off the MLX model itself (runtime.loader.build_model: the constructed, unloaded model,
+    whose tree has the checkpoint's names), so the converter's expectations cannot drift from what
+    the loader accepts. quantized=True applies cfg["quantization"] as the loader does (packed
+    weights, scales, biases); the default describes the unquantized tensors.
     """
-    out: dict[str, tuple[int, ...]] = {}
-    t5, dec, audio = cfg["text_encoder"], cfg["decoder"], cfg["audio_encoder"]
-    d, inner = t5["d_model"], t5["num_heads"] * t5["d_kv"]
-    out["text_encoder.embed_tokens.weight"] = (t5["vocab_size"], d)
-    out["text_encoder.relative_attention_bias.weight"] = (t5["relative_attention_num_buckets"], t5["num_heads"])
-    for i in range(t5["num_layers"]):
-        p = f"text_encoder.blocks.{i}."
-        out[p + "attn_norm.weight"] = (d,)
-        for n in "qkv":
-            out[p + f"attn.{n}.weight"] = (inner, d)
-        out[p + "attn.o.weight"] = (d, inner)
-        out[p + "ffn_norm.weight"] = (d,)
-        out[p + "ffn.wi.weight"] = (t5["d_ff"], d)
-        out[p + "ffn.wo.weight"] = (d, t5["d_ff"])
-    out["text_encoder.final_norm.weight"] = (d,)
-
-    h = dec["hidden_size"]
-    out["enc_to_dec_proj.weight"] = (h, d)
-    out["enc_to_dec_proj.bias"] = (h,)
-    if cfg.get("melody"):
-        out["audio_enc_to_dec_proj.weight"] = (h, cfg["melody"]["num_chroma"])
-        out["audio_enc_to_dec_proj.bias"] = (h,)
-    for k in range(dec["num_codebooks"]):
-        out[f"decoder.embed_tokens.{k}.weight"] = (dec["vocab_size"] + 1, h)
-        out[f"decoder.lm_heads.{k}.weight"] = (dec["vocab_size"], h)
-    attns = ["self_attn"] + (["encoder_attn"] if dec["cross_attention"] else [])
-    for i in range(dec["num_layers"]):
-        p = f"decoder.layers.{i}."
-        for a in attns:
-            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                out[p + f"{a}.{n}.weight"] = (h, h)
-            out[p + f"{a}_layer_norm.weight"] = (h,)
-            out[p + f"{a}_layer_norm.bias"] = (h,)
-        out[p + "fc1.weight"] = (dec["ffn_dim"], h)
-        out[p + "fc2.weight"] = (h, dec["ffn_dim"])
-        out[p + "final_layer_norm.weight"] = (h,)
-        out[p + "final_layer_norm.bias"] = (h,)
-    out["decoder.layer_norm.weight"] = (h,)
-    out["decoder.layer_norm.bias"] = (h,)
-    out.update(_encodec_shapes(audio))
-    return out
+    return dict(_model_parameters(_tree_key(cfg, quantized)))
 
 
-def _encodec_shapes(a: dict) -> dict[str, tuple[int, ...]]:
-    """SEANet encoder/decoder + RVQ, mirroring the HF module indices (MLX conv layout)."""
-    out: dict[str, tuple[int, ...]] = {}
-    nf, hid, k, lk, rk = a["num_filters"], a["hidden_size"], a["kernel_size"], a["last_kernel_size"], a["residual_kernel_size"]
-
-    def conv(prefix: str, cin: int, cout: int, ksize: int) -> None:
-        out[prefix + ".conv.weight"] = (cout, ksize, cin)
-        out[prefix + ".conv.bias"] = (cout,)
-
-    def resblock(prefix: str, dim: int) -> None:
-        hidden = dim // a["compress"]
-        conv(f"{prefix}.block.1", dim, hidden, rk)
-        conv(f"{prefix}.block.3", hidden, dim, 1)
-        if a["use_conv_shortcut"]:
-            conv(f"{prefix}.shortcut", dim, dim, 1)
-
-    def lstm(prefix: str, dim: int) -> None:
-        for i in range(a["num_lstm_layers"]):
-            out[f"{prefix}.lstm.layers.{i}.Wx"] = (4 * dim, dim)
-            out[f"{prefix}.lstm.layers.{i}.Wh"] = (4 * dim, dim)
-            out[f"{prefix}.lstm.layers.{i}.bias"] = (4 * dim,)
-
-    # Encoder: conv, then per ratio (reversed): residual blocks, ELU, strided conv; LSTM; ELU; conv.
-    e = "audio_encoder.encoder.layers"
-    idx, mult = 0, 1
-    conv(f"{e}.{idx}", a["audio_channels"], mult * nf, k)
-    idx += 1
-    for ratio in reversed(a["upsampling_ratios"]):
-        for _ in range(a["num_residual_layers"]):
-            resblock(f"{e}.{idx}", mult * nf)
-            idx += 1
-        idx += 1  # ELU
-        conv(f"{e}.{idx}", mult * nf, mult * nf * 2, ratio * 2)
-        idx += 1
-        mult *= 2
-    lstm(f"{e}.{idx}", mult * nf)
-    idx += 2  # LSTM, ELU
-    conv(f"{e}.{idx}", mult * nf, hid, lk)
-
-    # Decoder: conv, LSTM, then per ratio: ELU, transposed conv, residual blocks; ELU; conv.
-    dd = "audio_encoder.decoder.layers"
-    mult = 2 ** len(a["upsampling_ratios"])
-    idx = 0
-    conv(f"{dd}.{idx}", hid, mult * nf, k)
-    idx += 1
-    lstm(f"{dd}.{idx}", mult * nf)
-    idx += 1
-    for ratio in a["upsampling_ratios"]:
-        idx += 1  # ELU
-        conv(f"{dd}.{idx}", mult * nf, mult * nf // 2, ratio * 2)
-        idx += 1
-        for _ in range(a["num_residual_layers"]):
-            resblock(f"{dd}.{idx}", mult * nf // 2)
-            idx += 1
-        mult //= 2
-    idx += 1  # ELU
-    conv(f"{dd}.{idx}", nf, a["audio_channels"], lk)
-    for q in range(a["num_quantizers"]):
-        out[f"audio_encoder.quantizer.layers.{q}.codebook.embed"] = (a["codebook_size"], a["codebook_dim"])
-    return out
+def expected_shapes(cfg: dict, *, quantized: bool = False) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for this config (see model_parameters)."""
+    return {k: shape for k, (shape, _module) in model_parameters(cfg, quantized=quantized).items()}

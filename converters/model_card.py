@@ -2,25 +2,22 @@
 
 `render_model_card(config, record)` takes the folder's config.json (notes/SPEC.md) and the
 conversion record (conversion.json, possibly before its "files" entry exists). The YAML front
-matter uses only keys the Hub understands (library_name, tags, base_model, base_model_relation,
-license, pipeline_tag) so the repo shows up under the MLX library filter and links to its source.
+matter is huggingface_hub's ModelCardData, with only keys the Hub understands (library_name, tags,
+base_model, base_model_relation, license, pipeline_tag), so the repo shows up under the MLX library
+filter and links to its source.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
 
 # Used in the usage snippet when the target repo is not known yet at conversion time;
 # converters/publish.py replaces it with the real repo id when uploading.
 REPO_PLACEHOLDER = "YOUR_HF_USER/REPO_NAME"
 
 _EXAMPLE_PROMPT = "80s pop track with bassy drums and synth"
-
-
-def _yaml_str(s: str) -> str:
-    # A JSON string is a valid YAML double-quoted scalar: safe for any characters.
-    return json.dumps(str(s), ensure_ascii=False)
 
 
 def _source(record: dict[str, Any]) -> dict[str, Any]:
@@ -82,17 +79,11 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
         if isinstance(quant.get("bits"), int):  # mixed-precision recipes get no single N-bit tag
             tags.append(f"{quant['bits']}-bit")
 
-    fm = ["---", "library_name: mlx"]
-    if record.get("license"):
-        fm.append(f"license: {_yaml_str(record['license'])}")
-    if base:
-        fm.append(f"base_model: {_yaml_str(base)}")
-        if quant:
-            fm.append("base_model_relation: quantized")  # Hub's standard way to flag quantizations
-    fm.append("pipeline_tag: text-to-audio")
-    fm.append("tags:")
-    fm += [f"- {_yaml_str(t)}" for t in tags]
-    fm.append("---")
+    data = ModelCardData(
+        library_name="mlx", license=record.get("license") or None, base_model=base or None,
+        # the Hub's standard way to flag quantizations
+        base_model_relation="quantized" if base and quant else None,
+        pipeline_tag="text-to-audio", tags=tags)
 
     title = f"# {variant} (MLX)"
     src_link = f"[{base}](https://huggingface.co/{base})" if base else "a local MusicGen checkpoint"
@@ -154,4 +145,4 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
     if record.get("license"):
         body += ["", "## License", "",
                  f"The weights keep the license of the original model: `{record['license']}`."]
-    return "\n".join(fm + [""] + body) + "\n"
+    return str(ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body) + "\n"))

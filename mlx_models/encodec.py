@@ -11,8 +11,10 @@ Layout conventions:
 - Inside, MLX convolutions are channels-last, so `quantizer.decode` returns embeddings as
   (B, frames, codebook_dim) and `decoder` maps (B, frames, hidden) -> (B, samples, C).
 
-`EncodecStreamDecoder` decodes codes chunk by chunk; the concatenation of its outputs equals the
-offline `decode` (up to float rounding) even though the decoder is non-causal.
+`EncodecStreamDecoder` decodes codes chunk by chunk in fixed blocks aligned to absolute frame
+positions, so its output does not depend on how the codes are split into pushes (bit-identical);
+`EncodecModel.decode_blocks` is the same computation in one call. Both equal the whole-sequence
+`decode` up to float rounding even though the decoder is non-causal.
 """
 
 from __future__ import annotations
@@ -369,71 +371,154 @@ class EncodecModel(nn.Module):
         audio = self.decoder(self.quantizer.decode(codes))
         return audio.transpose(0, 2, 1)
 
-    def stream_decoder(self) -> "EncodecStreamDecoder":
-        return EncodecStreamDecoder(self)
+    def stream_decoder(self, block_frames: int | None = None) -> "EncodecStreamDecoder":
+        """Incremental decoder (see `EncodecStreamDecoder`); `block_frames` None: the default."""
+        return EncodecStreamDecoder(self, DEFAULT_BLOCK_FRAMES if block_frames is None
+                                    else block_frames)
+
+    def decode_blocks(self, codes: mx.array, block_frames: int | None = None) -> mx.array:
+        """codes (B, nq, frames) -> audio (B, channels, frames * hop), block by block.
+
+        Exactly what `stream_decoder()` returns for these codes however they are pushed
+        (bit-identical), so offline output can match streamed output sample for sample. Same
+        maths as `decode`, which it equals up to float rounding.
+        """
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes (B, nq, frames), got {codes.shape}")
+        decoder = self.stream_decoder(block_frames)
+        return mx.concatenate([decoder.push(codes), decoder.flush()], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Streaming decode
 
+DEFAULT_BLOCK_FRAMES = 25  # half a second at MusicGen's 50 Hz; see EncodecStreamDecoder
 
-def _upsample_context_frames(args: EncodecArgs) -> int:
-    """Upper bound (in frames) on how far an edge effect in `decoder.upsample` can reach.
 
-    Walk the stack from the output back to its frame-rate input, growing a half-width (in samples
-    of the current rate): each conv adds its padding reach, each transposed conv divides by its
-    stride and adds its two-sample kernel span. Anything within this many frames of a window edge
-    may see padding instead of real neighbours; beyond it the window result is exact.
+def _input_span(layer: nn.Module, lo: int, hi: int) -> tuple[int, int]:
+    """Inclusive input index range that output samples [lo, hi] of `layer` depend on.
+
+    Padding is ignored: indices outside the signal are where padding (or a window edge) would be
+    read instead of real neighbours.
     """
-    reach = (args.last_kernel_size - 1)  # final conv (generous: whole kernel, not half)
-    for ratio in reversed(args.upsampling_ratios):
-        for j in range(args.num_residual_layers):
-            reach += (args.residual_kernel_size - 1) * args.dilation_growth_rate ** j
-        reach = -(-reach // ratio) + 2
-    return reach + 1
+    if isinstance(layer, ELU):
+        return lo, hi
+    if isinstance(layer, EncodecConv1d):
+        left = layer.padding(10 ** 6)[0]  # the left padding does not depend on the length
+        return lo * layer.stride - left, hi * layer.stride - left + layer.effective_kernel - 1
+    if isinstance(layer, EncodecConvTranspose1d):
+        stride, kernel = layer.conv.stride, layer.conv.weight.shape[1]
+        if layer.conv.padding or layer.conv.dilation != 1:
+            raise ValueError("unsupported transposed convolution for streaming")
+        # Untrimmed output p = j + trim_left receives input i when 0 <= p - i * stride < kernel.
+        return (-(-(lo + layer.trim_left - kernel + 1) // stride),
+                (hi + layer.trim_left) // stride)
+    if isinstance(layer, EncodecResnetBlock):
+        a, b = lo, hi
+        for sub in reversed(layer.block):
+            a, b = _input_span(sub, a, b)
+        ra, rb = _input_span(layer.shortcut, lo, hi) if layer.use_conv_shortcut else (lo, hi)
+        return min(a, ra), max(b, rb)
+    raise TypeError(f"no receptive-field rule for {type(layer).__name__}")
+
+
+def _upsample_margins(decoder: EncodecDecoder, hop: int) -> tuple[int, int]:
+    """(left, right): LSTM-output frames that `decoder.upsample` reads around a block of frames.
+
+    Exact receptive field of the conv stack, walked from the output back to the frame rate: the
+    audio of frames [f0, f1) depends only on frames [f0 - left, f1 + right). A window with those
+    margins therefore gives that audio exactly (window-edge padding never reaches it). MusicGen's
+    decoder gives (1, 1).
+    """
+    start = 1000  # any frame away from the signal start; the answer does not depend on it
+    lo, hi = start * hop, (start + 1) * hop - 1
+    for layer in reversed(decoder.layers[2:]):
+        lo, hi = _input_span(layer, lo, hi)
+    return max(0, start - lo), max(0, hi - start)
+
+
+def _padded_indices(length: int, left: int, right: int, mode: str) -> mx.array:
+    """Source index of every sample of `_pad_time(x, left, right, mode)` for x of `length`
+    samples (-1 where the padding is a zero), by running `_pad_time` itself on the indices."""
+    idx = mx.arange(1, length + 1, dtype=mx.int32).reshape(1, length, 1)
+    return _pad_time(idx, left, right, mode).reshape(-1) - 1
 
 
 class EncodecStreamDecoder:
-    """Decode codes incrementally; concatenated outputs equal `EncodecModel.decode` of all codes.
+    """Decode codes incrementally in fixed blocks; the audio does not depend on how codes arrive.
 
-    The decoder is conv0 -> LSTM -> conv stack. conv0 is non-causal (needs `lookahead` future
-    frames), the LSTM is causal (its (h, c) is carried exactly), and the conv stack has a bounded
-    receptive field of `context` frames. So each push: run conv0 + LSTM on the frames whose conv0
-    window is complete, then recompute the conv stack on a window of LSTM outputs with `context`
-    frames of margin on both sides and emit only the samples the margins make final. `flush()`
-    treats the end of the buffered frames as the true end, so the offline reflect padding applies.
+    The decoder is conv0 -> LSTM -> conv stack: conv0 is non-causal (`lookahead` future frames),
+    the LSTM is causal (its (h, c) is carried), and the conv stack reads `margin_left` /
+    `margin_right` frames of LSTM output around any span (its exact receptive field).
+
+    Everything runs on blocks of `block_frames` frames aligned to absolute frame positions, so
+    every block is computed from exactly the same input slice (same values, same shapes) however
+    the codes were split into pushes:
+
+    - audio block b is frames [b*B, (b+1)*B); the conv stack runs on LSTM outputs
+      [b*B - margin_left, (b+1)*B + margin_right) (clipped at the signal start, where the offline
+      padding applies) and keeps the middle;
+    - conv0 + LSTM run on blocks ending where audio blocks need them: [0, B + margin_right), then
+      [k*B + margin_right, (k+1)*B + margin_right); conv0 reads `lookahead` frames past the block;
+    - `flush()` finishes the rest (the last conv0 + LSTM block and the last audio block, both
+      shorter than a block plus margins) with the end-of-signal padding of the offline decode.
+      Their extent depends only on the total number of frames.
+
+    Hence any sequence of pushes followed by `flush()` gives bit-identical audio (also
+    `EncodecModel.decode_blocks`), equal to `EncodecModel.decode` up to float rounding.
+
+    Latency: audio block b is ready once (b+1)*B + margin_right + lookahead frames have been
+    pushed. The decoder evens this out to a fixed delay: after pushing n frames in total, the
+    audio returned so far covers exactly max(0, n - latency_frames) frames, where
+    `latency_frames = block_frames + margin_right + lookahead - 1` (MusicGen's EnCodec with the
+    default 25-frame blocks: 25 + 1 + 3 - 1 = 28 frames, 0.56 s). `flush()` returns the rest.
+    Cost: the conv stack recomputes margin_left + margin_right frames per block (2 of 25 here).
+
+    Codes are (B, nq, n); rows of a batch are decoded independently.
     """
 
-    def __init__(self, model: EncodecModel):
+    def __init__(self, model: EncodecModel, block_frames: int = DEFAULT_BLOCK_FRAMES):
         self.model = model
         self.hop = model.hop_length
         conv0 = model.decoder.layers[0]
-        left, right = conv0.padding(10 ** 6)  # fixed padding; stride 1 adds no extra
-        self.conv0_left, self.lookahead = left, right
-        self.context = _upsample_context_frames(model.args)
+        if conv0.stride != 1:
+            raise ValueError("streaming needs a stride-1 first decoder convolution")
+        self.conv0_left, self.lookahead = conv0.padding(10 ** 6)  # stride 1: no extra padding
+        self.margin_left, self.margin_right = _upsample_margins(model.decoder, self.hop)
+        if isinstance(block_frames, bool) or not isinstance(block_frames, int) \
+                or block_frames <= self.conv0_left:
+            # A first block at least that long always holds the frames conv0's left reflection
+            # reads, so it never depends on the total length.
+            raise ValueError(f"block_frames must be an int > {self.conv0_left}, "
+                             f"got {block_frames!r}")
+        self.block_frames = block_frames
         self.reset()
 
     def reset(self) -> None:
         self._emb: mx.array | None = None  # codeword embeddings, from absolute frame _emb_start
         self._emb_start = 0
-        self._n_emb = 0
+        self._n_emb = 0  # frames pushed
         self._lstm_state: list[tuple[mx.array, mx.array]] | None = None
-        self._n_lstm = 0  # frames already through conv0 + LSTM
+        self._n_lstm = 0  # frames through conv0 + LSTM (a conv0/LSTM block boundary)
         self._lstm_out: mx.array | None = None  # LSTM outputs, from absolute frame _out_start
         self._out_start = 0
+        self._n_audio = 0  # frames whose audio is computed (an audio block boundary)
+        self._audio: list[mx.array] = []  # computed, not yet returned (B, samples, C) pieces
         self._n_emitted = 0  # frames whose audio has been returned
         self._batch = 1
         self._channels = self.model.args.audio_channels
 
     @property
     def latency_frames(self) -> int:
-        """Frames held back after each push until later frames (or flush) arrive."""
-        return self.lookahead + self.context
+        """Frames held back: after pushing n frames the output covers max(0, n - latency_frames)."""
+        return self.block_frames + self.margin_right + self.lookahead - 1
 
     def push(self, codes: mx.array) -> mx.array:
         """codes (B, nq, n) -> the newly final audio (B, channels, k * hop), k >= 0."""
         if codes.ndim != 3:
             raise ValueError(f"expected codes (B, nq, frames), got {codes.shape}")
+        if self._emb is not None and codes.shape[0] != self._batch:
+            raise ValueError(f"batch changed mid-stream: {self._batch} -> {codes.shape[0]}")
         self._batch = codes.shape[0]
         if codes.shape[2] > 0:
             emb = self.model.quantizer.decode(codes)
@@ -447,32 +532,76 @@ class EncodecStreamDecoder:
         self.reset()
         return audio
 
-    def _advance(self, final: bool) -> mx.array:
-        decoder = self.model.decoder
-        # 1) conv0 + LSTM on every frame whose conv0 input window is complete.
-        ready = self._n_emb if final else self._n_emb - self.lookahead
-        if ready > self._n_lstm:
-            start = max(0, self._n_lstm - self.conv0_left)
-            window = self._emb[:, start - self._emb_start:]
-            h = decoder.layers[0](window)[:, self._n_lstm - start:ready - start]
-            y, self._lstm_state = decoder.layers[1].step(h, self._lstm_state)
-            self._lstm_out = y if self._lstm_out is None else mx.concatenate(
-                [self._lstm_out, y], axis=1)
-            self._n_lstm = ready
-            keep = max(0, ready - self.conv0_left)  # left context conv0 will still need
-            self._emb = self._emb[:, keep - self._emb_start:]
-            self._emb_start = keep
-        # 2) conv stack on a window with `context` frames of margin; emit what is final.
-        done = self._n_lstm if final else self._n_lstm - self.context
-        if done <= self._n_emitted:
-            return mx.zeros((self._batch, self._channels, 0))
-        start = max(0, self._n_emitted - self.context)
-        window = self._lstm_out[:, start - self._out_start:self._n_lstm - self._out_start]
-        audio = decoder.upsample(window)
-        audio = audio[:, (self._n_emitted - start) * self.hop:(done - start) * self.hop]
-        self._n_emitted = done
-        keep = max(0, done - self.context)
+    # -- blocks ----------------------------------------------------------------------------------
+
+    def _lstm_block_end(self) -> int:
+        """End of the conv0 + LSTM block that starts at `_n_lstm`."""
+        if self._n_lstm == 0:
+            return self.block_frames + self.margin_right
+        return self._n_lstm + self.block_frames
+
+    def _conv0_lstm(self, start: int, end: int) -> None:
+        """conv0 + LSTM for frames [start, end) (end <= pushed frames: at flush, the signal end)."""
+        conv0 = self.model.decoder.layers[0]
+        lo, hi = start - self.conv0_left, end + self.lookahead  # conv0 input frames
+        if lo >= 0 and hi <= self._n_emb:
+            window = self._emb[:, lo - self._emb_start:hi - self._emb_start]
+        else:
+            # At a true edge: the same padded samples the offline decode builds. Before flush,
+            # only the start (hi <= _n_emb), where the padding reads frames < block_frames.
+            idx = _padded_indices(self._n_emb, self.conv0_left, self.lookahead, conv0.pad_mode)
+            idx = idx[start:end + self.conv0_left + self.lookahead]
+            valid = idx >= 0
+            local = mx.maximum(idx, self._emb_start) - self._emb_start
+            window = mx.where(valid[None, :, None], mx.take(self._emb, local, axis=1), 0.0)
+        h = conv0.conv(window)
+        y, self._lstm_state = self.model.decoder.layers[1].step(h, self._lstm_state)
+        self._lstm_out = y if self._lstm_out is None else mx.concatenate(
+            [self._lstm_out, y], axis=1)
+        self._n_lstm = end
+        # conv0 of the next block reads from end - conv0_left; the final padding reflects at most
+        # lookahead frames back from the end (kept generously).
+        keep = max(self._emb_start, end - self.conv0_left - self.lookahead - 1, 0)
+        self._emb = self._emb[:, keep - self._emb_start:]
+        self._emb_start = keep
+
+    def _upsample(self, start: int, end: int) -> None:
+        """Audio for frames [start, end), from LSTM outputs with the conv stack's margins."""
+        lo = max(0, start - self.margin_left)
+        hi = min(self._n_lstm, end + self.margin_right)
+        window = self._lstm_out[:, lo - self._out_start:hi - self._out_start]
+        audio = self.model.decoder.upsample(window)
+        self._audio.append(audio[:, (start - lo) * self.hop:(end - lo) * self.hop])
+        self._n_audio = end
+        keep = max(self._out_start, end - self.margin_left)
         self._lstm_out = self._lstm_out[:, keep - self._out_start:]
         self._out_start = keep
-        mx.eval(audio, self._lstm_out, self._emb, *[a for s in self._lstm_state for a in s])
-        return audio.transpose(0, 2, 1)
+
+    def _advance(self, final: bool) -> mx.array:
+        total = self._n_emb
+        # 1) conv0 + LSTM on every whole block whose conv0 window has arrived; at flush, the rest.
+        while self._lstm_block_end() + self.lookahead <= total:
+            self._conv0_lstm(self._n_lstm, self._lstm_block_end())
+        if final and self._n_lstm < total:
+            self._conv0_lstm(self._n_lstm, total)
+        # 2) conv stack on every whole audio block whose margin is through the LSTM; at flush,
+        #    the rest.
+        while self._n_audio + self.block_frames + self.margin_right <= self._n_lstm:
+            self._upsample(self._n_audio, self._n_audio + self.block_frames)
+        if final and self._n_audio < total:
+            self._upsample(self._n_audio, total)
+        # 3) return audio up to a fixed delay behind the pushed frames (everything at flush).
+        target = total if final else max(self._n_emitted, total - self.latency_frames)
+        assert target <= self._n_audio, "block schedule fell behind latency_frames"
+        n = (target - self._n_emitted) * self.hop
+        pending = mx.concatenate(self._audio, axis=1) if len(self._audio) > 1 else (
+            self._audio[0] if self._audio else mx.zeros((self._batch, 0, self._channels)))
+        out, rest = pending[:, :n], pending[:, n:]
+        self._audio = [rest] if rest.shape[1] else []
+        self._n_emitted = target
+        to_eval = [out, *self._audio]
+        if not final:
+            to_eval += [a for a in (self._emb, self._lstm_out) if a is not None]
+            to_eval += [a for s in (self._lstm_state or []) for a in s]
+        mx.eval(*to_eval)
+        return out.transpose(0, 2, 1)

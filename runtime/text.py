@@ -19,21 +19,28 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ValueError(f"{path}: not a valid tokenizer.json ({first})") from None
-        self.max_tokens = max_tokens
         self.pad_id = self.tok.token_to_id("<pad>") or 0
+        # Right padding to the longest prompt of a batch. Truncation happens before the
+        # post-processor adds </s>, so a truncated prompt keeps its end-of-sequence token, as a
+        # truncating T5 tokenizer does.
+        self.tok.enable_padding(direction="right", pad_id=self.pad_id,
+                                pad_token=self.tok.id_to_token(self.pad_id) or "<pad>")
+        self.max_tokens = max_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tok.truncation["max_length"]
+
+    @max_tokens.setter
+    def max_tokens(self, n: int) -> None:
+        """The text limit (the pipeline lowers it for melody models to fit the position table)."""
+        self.tok.enable_truncation(int(n))
 
     def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """ids and attention mask (B, S), padded on the right to the longest prompt."""
         encs = self.tok.encode_batch(list(prompts))
-        ids = [e.ids for e in encs]
-        if any(len(x) > self.max_tokens for x in ids):
+        if any(e.overflowing for e in encs):
             warnings.warn(f"prompt longer than {self.max_tokens} tokens (the text limit of this model); truncated", stacklevel=3)
-            # keep the end-of-sequence token, as a truncating T5 tokenizer does
-            ids = [x[: self.max_tokens - 1] + x[-1:] if len(x) > self.max_tokens else x for x in ids]
-        n = max(len(x) for x in ids)
-        out = np.full((len(ids), n), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(ids), n), dtype=np.int32)
-        for i, x in enumerate(ids):
-            out[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-        return out, mask
+        ids = np.array([e.ids for e in encs], dtype=np.int32)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int32)
+        return ids, mask

@@ -360,16 +360,51 @@ def test_runtime_never_imports_torch(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_expected_shapes_agree_with_mlx_model(arch, mlx_folder):
-    """The converter's expected outputs and the MLX model's parameter tree are two independent
-    descriptions of the architecture; they must agree exactly."""
-    from mlx.utils import tree_flatten
+def test_expected_shapes_are_the_checkpoint(arch, mlx_folder, hf_folder, tmp_path):
+    """expected_shapes (read off the MLX model built for the config) is exactly what the converter
+    writes, plain and quantized (packed weights, scales, biases)."""
+    from mlx_music.converters.inspect import read_safetensors_header
 
-    from mlx_music.models.musicgen import MusicGen
+    def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        out: dict[str, tuple[int, ...]] = {}
+        for shard in set(index["weight_map"].values()):
+            out.update({k: tuple(v[1]) for k, v in read_safetensors_header(folder / shard).items()})
+        return out
 
     cfg = json.loads((mlx_folder(arch) / "config.json").read_text())
-    params = {k: tuple(v.shape) for k, v in tree_flatten(MusicGen.from_config(cfg).parameters())}
-    assert params == expected_shapes(cfg)
+    assert shapes(mlx_folder(arch)) == expected_shapes(cfg) == expected_shapes(cfg, quantized=True)
+    convert_checkpoint(hf_folder(arch), tmp_path / "q", quantize=QuantizeOptions(4, 32), progress=False)
+    qcfg = json.loads((tmp_path / "q/config.json").read_text())
+    assert qcfg["quantization"]["modules"]
+    assert shapes(tmp_path / "q") == expected_shapes(qcfg, quantized=True) != expected_shapes(qcfg)
+
+
+def test_expected_shapes_of_a_full_size_model_allocate_nothing():
+    """A 3.3B-parameter config: the model is built lazily, so only shapes are read."""
+    code = (
+        "import json, math, resource, sys\n"
+        "import mlx.core as mx\n"
+        "from mlx_music.converters.mlx_config import build_mlx_config, expected_shapes\n"
+        "hf = json.loads(sys.argv[1])\n"
+        "cfg = build_mlx_config(hf, 'large')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "n = sum(math.prod(s) for s in expected_shapes(cfg).values())\n"
+        "grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
+        "print(n, grew_mb, mx.get_peak_memory())\n"
+    )
+    hf = {"model_type": "musicgen",
+          "text_encoder": {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
+                           "num_heads": 12},
+          "audio_encoder": {"sampling_rate": 32000, "upsampling_ratios": [8, 5, 4, 4], "target_bandwidths": [2.2],
+                            "codebook_size": 2048, "num_filters": 64, "hidden_size": 128},
+          "decoder": {"vocab_size": 2048, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "ffn_dim": 8192, "num_codebooks": 4}}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(hf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n, grew_mb, peak = r.stdout.split()
+    assert int(n) > 3e9  # musicgen-large: 3.3B parameters, 13 GB in float32
+    assert float(grew_mb) < 200 and int(peak) < 50e6, r.stdout
 
 
 def test_convert_from_hub_cache_offline(hf_folder, tmp_path):

@@ -168,10 +168,134 @@ def test_streaming_short_sequences(pair, frames):
 def test_streaming_holds_back_only_latency_frames(pair):
     _, model, _ = pair
     stream = EncodecStreamDecoder(model)
-    codes = mx.array(np.random.default_rng(5).integers(0, 2048, (1, 4, 30)).astype(np.int32))
+    # MusicGen's EnCodec: 25-frame blocks + 1 frame of conv-stack margin + conv0's 3 lookahead - 1.
+    assert (stream.block_frames, stream.margin_left, stream.margin_right, stream.lookahead) == (25, 1, 1, 3)
+    assert stream.latency_frames == 28
+    codes = mx.array(np.random.default_rng(5).integers(0, 2048, (1, 4, 60)).astype(np.int32))
     out = stream.push(codes)
-    assert out.shape == (1, 1, (30 - stream.latency_frames) * 640)
+    assert out.shape == (1, 1, (60 - stream.latency_frames) * 640)
     assert stream.flush().shape == (1, 1, stream.latency_frames * 640)
     # flush() resets: the same object decodes a new stream from scratch.
     again = np.concatenate([np.array(stream.push(codes)), np.array(stream.flush())], axis=-1)
     np.testing.assert_allclose(again, np.array(model.decode(codes)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block decoding: the streamed audio does not depend on how the codes are split into pushes.
+
+
+def _codes(seed: int, frames: int, batch: int = 1) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 2048, (batch, 4, frames)).astype(np.int32))
+
+
+def _push_pattern(model: EncodecModel, codes: mx.array, sizes: list[int],
+                  block_frames: int | None = None) -> np.ndarray:
+    """Push `codes` in pieces of `sizes` frames (the last piece takes the rest), then flush."""
+    stream = model.stream_decoder(block_frames)
+    parts, i = [], 0
+    for n in sizes:
+        parts.append(np.array(stream.push(codes[:, :, i:i + n])))
+        i += n
+    parts.append(np.array(stream.push(codes[:, :, i:])))
+    parts.append(np.array(stream.flush()))
+    return np.concatenate(parts, axis=-1)
+
+
+def _random_sizes(rng: np.random.Generator, total: int, high: int) -> list[int]:
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(int(rng.integers(0, high + 1)))  # 0: empty pushes are allowed too
+    return sizes
+
+
+@pytest.mark.parametrize("block_frames", [None, 7])
+@pytest.mark.parametrize("frames", [1, 5, 27, 29, 53, 137])  # tiny, around block edges, several blocks
+def test_block_decode_is_independent_of_push_pattern(pair, frames, block_frames):
+    _, model, _ = pair
+    codes = _codes(frames, frames)
+    ref = np.array(model.decode_blocks(codes, block_frames))
+    assert ref.shape == (1, 1, frames * 640) and ref.dtype == np.float32
+    assert np.array_equal(ref, _push_pattern(model, codes, [], block_frames))  # one push
+    assert np.array_equal(ref, _push_pattern(model, codes, [1] * frames, block_frames))
+    rng = np.random.default_rng(100 + frames)
+    for high in (3, 11, 40):
+        sizes = _random_sizes(rng, frames, high)
+        got = _push_pattern(model, codes, sizes, block_frames)
+        assert np.array_equal(ref, got), f"push sizes {sizes}: max diff {np.abs(got - ref).max():.2e}"
+    # The same decoder object again after flush (it resets), pushed one frame at a time.
+    stream = model.stream_decoder(block_frames)
+    stream.push(codes[:, :, :3])
+    stream.flush()
+    again = [np.array(stream.push(codes[:, :, i:i + 1])) for i in range(frames)]
+    assert np.array_equal(ref, np.concatenate(again + [np.array(stream.flush())], axis=-1))
+
+
+@pytest.mark.parametrize("block_frames", [None, 4, 7, 50])
+@pytest.mark.parametrize("frames", [1, 2, 4, 26, 27, 28, 31, 100, 137])
+def test_block_decode_equals_decode(pair, frames, block_frames):
+    """Same maths as the whole-sequence decode: the block margins are the exact receptive field."""
+    _, model, _ = pair
+    codes = _codes(frames + 1, frames)
+    ref = np.array(model.decode(codes))
+    got = np.array(model.decode_blocks(codes, block_frames))
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5
+    assert ref.std() > 1e-3  # random codebooks: the audio is not flat, so the check discriminates
+
+
+def test_block_margins_are_tight(pair):
+    """One frame less of conv-stack margin on either side changes the audio: the margins the
+    decoder derives are its exact receptive field, not a guess."""
+    import mlx_music.models.encodec as encodec
+
+    _, model, _ = pair
+    codes = _codes(8, 60)
+    ref = np.array(model.decode(codes))
+    stream = model.stream_decoder()
+    left, right = stream.margin_left, stream.margin_right
+    for cut in ((left - 1, right), (left, right - 1)):
+        short = encodec.EncodecStreamDecoder(model)
+        short.margin_left, short.margin_right = cut
+        got = np.concatenate([np.array(short.push(codes)), np.array(short.flush())], axis=-1)
+        assert np.abs(got - ref).max() > 1e-4
+
+
+@pytest.mark.parametrize("block_frames", [None, 7])
+def test_block_decode_latency(pair, block_frames):
+    """After pushing n frames the audio returned so far covers max(0, n - latency_frames) frames
+    (so at least n - latency_frames), one frame per push or in random pieces."""
+    _, model, _ = pair
+    codes = _codes(3, 120)
+    rng = np.random.default_rng(4)
+    for sizes in ([1] * 120, _random_sizes(rng, 120, 17)):
+        stream = model.stream_decoder(block_frames)
+        latency = stream.latency_frames
+        pushed = covered = 0
+        for n in sizes:
+            n = min(n, 120 - pushed)
+            out = stream.push(codes[:, :, pushed:pushed + n])
+            pushed += n
+            assert out.shape[-1] % 640 == 0
+            covered += out.shape[-1] // 640
+            assert covered >= pushed - latency
+            assert covered == max(0, pushed - latency)
+        assert covered + stream.flush().shape[-1] // 640 == 120
+    assert model.stream_decoder(7).latency_frames == 7 + 1 + 3 - 1
+
+
+def test_block_decode_batch_rows_are_independent(pair):
+    _, model, _ = pair
+    codes = _codes(6, 77, batch=2)
+    both = _push_pattern(model, codes, [5, 30, 1, 20])
+    assert both.shape == (2, 1, 77 * 640)
+    for row in range(2):
+        alone = np.array(model.decode_blocks(codes[row:row + 1]))
+        assert np.abs(both[row:row + 1] - alone).max() <= 1e-6
+    assert np.abs(both[0] - both[1]).max() > 1e-3
+
+
+def test_block_decode_rejects_bad_block_size(pair):
+    _, model, _ = pair
+    for bad in (0, 3, 2.5, True):  # must exceed conv0's 3-frame left reach
+        with pytest.raises(ValueError):
+            model.stream_decoder(bad)
