@@ -2,7 +2,7 @@
 
 For one MLX config.json (e.g. a converted checkpoint's), with the decoder cast to --dtype, it
 times in this process:
-  loop_ms      the real token loop (`iter_tokens`: sampling + compiled step, pipelined)
+  loop_ms      the real token loop (`TokenLoop.run`: sampling + compiled step, pipelined)
   sync_ms      one compiled step + sampling, waited for after every call (no overlap)
   per_layer_ms (sync_ms - sync_ms of a 1-layer model) / (layers - 1)
   fixed_ms     the rest (embeddings, positions, heads, sampling, dispatch)
@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlx_music.runtime  # noqa: E402,F401  (MKL preload on Linux CPUs)
+import mlx_music  # noqa: E402,F401  (MKL preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_music.models.musicgen import MusicGen  # noqa: E402
 from mlx_music.runtime.delay_pattern import build_pattern  # noqa: E402
-from mlx_music.runtime.generate import Conditioning, iter_tokens  # noqa: E402
-from mlx_music.runtime.sampling import SamplingConfig  # noqa: E402
+from mlx_music.runtime.sampling import RowSampling, SamplingConfig, row_keys  # noqa: E402
+from mlx_music.runtime.token_loop import Conditioning, TokenLoop  # noqa: E402
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 
@@ -51,34 +51,34 @@ def build(config: dict, dtype: mx.Dtype, layers: int | None) -> MusicGen:
     return model
 
 
-def time_loop(model: MusicGen, steps: int, k: int, channels: int) -> float:
+def time_loop(model: MusicGen, steps: int, k: int, channels: int) -> tuple[float, TokenLoop]:
     h = model.decoder_args.hidden_size
-    cond = Conditioning(mx.random.normal((2, 12, h)).astype(model.decoder.layers[0].fc1.weight.dtype
-                                                          if model.decoder.layers else mx.float32),
+    cond = Conditioning(mx.random.normal((2, 12, h)).astype(model.decoder.layer_norm.weight.dtype),
                         mx.ones((2, 12), dtype=mx.int32))
     pattern = build_pattern(steps - (k // channels - 1), k, channels, 2048, batch=1)
-    sampling = SamplingConfig(guidance_scale=3.0, top_k=250)
+    rs = RowSampling.stack([SamplingConfig(guidance_scale=3.0, top_k=250)], 2048)
+    loop = TokenLoop(model, 2, pattern.shape[-1], rs.static)
     best = float("inf")
     for _ in range(3):  # first run traces/JITs
         t0 = time.perf_counter()
-        toks = [t for _, t in iter_tokens(model, cond, pattern, sampling, seed=0)]
+        toks = [t for _, t, _ in loop.run(cond, pattern, rs, row_keys([0]))]
         mx.eval(toks)
         best = min(best, time.perf_counter() - t0)
-    return best / (pattern.shape[-1] - 1) * 1e3
+    return best / (pattern.shape[-1] - 1) * 1e3, loop
 
 
-def time_sync(model: MusicGen, k: int, n: int = 40) -> float:
-    runner = next(iter(model.__dict__["_mlx_music_runners"].values()))
-    advance, _ = runner.functions()
+def time_sync(loop: TokenLoop, k: int, n: int = 40) -> float:
+    rs = RowSampling.stack([SamplingConfig(guidance_scale=3.0, top_k=250)], 2048)
+    advance, _ = loop._functions(rs)
     logits = mx.random.normal((2, k, 2048))
-    forced = mx.full((1, k), -1, dtype=mx.int64)
-    key = mx.random.key(0)
-    n = min(n, runner.cache.max_len - 2)
-    runner.cache.offset = mx.array(0, dtype=mx.int32)
-    mx.eval(advance(logits, forced, key))
+    forced = mx.full((1, k), -1, dtype=mx.int32)
+    keys = row_keys([0])
+    n = min(n, loop.cache.max_len - 2)
+    loop.cache.offset = mx.array(0, dtype=mx.int32)
+    mx.eval(advance(logits, forced, keys, *rs.arrays()))
     t0 = time.perf_counter()
     for _ in range(n):
-        mx.eval(advance(logits, forced, key))
+        mx.eval(advance(logits, forced, keys, *rs.arrays()))
     return (time.perf_counter() - t0) / n * 1e3
 
 
@@ -95,10 +95,9 @@ def main() -> None:
     out = {"config": Path(a.config).name, "dtype": a.dtype, "device": str(mx.default_device()),
            "env": {n: os.environ[n] for n in os.environ if n.startswith("MLX_")}}
     full, one = build(config, dtype, None), build(config, dtype, 1)
-    loop_ms = time_loop(full, a.steps, k, ch)
-    sync_ms = time_sync(full, k)
-    time_loop(one, 20, k, ch)
-    one_ms = time_sync(one, k)
+    loop_ms, loop = time_loop(full, a.steps, k, ch)
+    sync_ms = time_sync(loop, k)
+    one_ms = time_sync(time_loop(one, 20, k, ch)[1], k)
     per_layer = (sync_ms - one_ms) / (layers - 1)
     out["fused"] = {"loop_ms": round(loop_ms, 3), "sync_ms": round(sync_ms, 3),
                     "fixed_ms": round(one_ms - per_layer, 3), "per_layer_ms": round(per_layer, 4),

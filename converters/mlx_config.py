@@ -10,14 +10,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
+
 from .errors import ManifestError
 
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
-
-try:
-    from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
-except ImportError:  # TODO: import DEFAULTS from runtime.sampling (drop this copy once it exists there)
-    SAMPLING_DEFAULTS = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250, "top_p": 0.0, "greedy": False}
 
 # Length of the window MusicGen was trained on and generates in one pass (longer audio slides it).
 # A property of every MusicGen checkpoint, not of sampling: written to config.json from here only.

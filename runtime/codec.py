@@ -38,6 +38,13 @@ class Codec:
         audio = mx.concatenate([self.encodec.decode(c) for c in self._split(codes)], axis=1)
         return np.array(audio.astype(mx.float32))
 
+    def decode_blocks(self, codes: np.ndarray | mx.array) -> np.ndarray:
+        """Codes (B, K, F) → float32 audio (B, channels, F * hop) through the block decoder:
+        the same maths as `decode`, computed in the fixed blocks `StreamDecoder` uses, so a
+        stream of the same codes gives identical samples however it was chunked."""
+        audio = mx.concatenate([self.encodec.decode_blocks(c) for c in self._split(codes)], axis=1)
+        return np.array(audio.astype(mx.float32))
+
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

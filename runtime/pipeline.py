@@ -179,9 +179,9 @@ class MusicGenPipeline:
         return self.codec.encode(wav)
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (B, K, frames) → float32 audio (B, channels, frames * hop), as `generate` decodes."""
-        dec = self.codec.stream_decoder()
-        return np.concatenate([dec.push(codes), dec.flush()], axis=-1)
+        """Codes (B, K, frames) → float32 audio (B, channels, frames * hop), as `generate` decodes
+        (the block decoder `stream` uses too, so their samples are identical)."""
+        return self.codec.decode_blocks(codes)
 
     # -------------------------------------------------------------- generate
     def generate(self, prompts: str | Sequence[str], duration: float = 10.0, *, seed: int | None = None,

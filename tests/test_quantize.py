@@ -82,10 +82,12 @@ def test_quantized_loads_and_generates(q_folder, arch: str, name: str) -> None:
         assert len(high) == (len(q["modules"]) if opts.bits == 8 else 0)
 
     pipe = load(folder)
+    pipe.model.unfuse()  # the checkpoint's module tree, where the recorded paths live
     for path, bits in q["modules"].items():
         m = _module(pipe.model, path)
         assert isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)), path
         assert (m.bits, m.group_size) == (bits, opts.group_size), path
+    pipe.model.fuse()
     # Text encoder and EnCodec are never quantized.
     assert isinstance(pipe.model.text_encoder.blocks[0].attn.q, nn.Linear)
     assert not isinstance(pipe.model.text_encoder.blocks[0].attn.q, nn.QuantizedLinear)
@@ -234,9 +236,11 @@ def test_skipped_modules_listed(mlx_folder, hf_folder, tmp_path: Path) -> None:
 
     pipe = load(out)
     assert isinstance(pipe.model.decoder.layers[0].fc2, nn.QuantizedLinear)
+    pipe.model.unfuse()
     for path in (s.split(" ")[0] for s in res.skipped):
         m = _module(pipe.model, path)
         assert not isinstance(m, nn.QuantizedLinear) and m.weight.dtype == mx.float32, path
+    pipe.model.fuse()
     audio, _, _ = gen(pipe, ["calm piano"], duration=0.1, seed=0)
     assert audio.shape == (1, 1, 3200)
 
