@@ -98,8 +98,8 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
     usage = [
         "## Usage", "", "```bash", "pip install mlx-music",
         f'mlx-music generate --model {repo} --prompt "{prompt}" --out x.wav', "```", "",
-        "```python", "from mlx_music.runtime import load", "", f'model = load("{repo}")',
-        f'audio, sr = model.generate(["{prompt}"], duration=10)', "```",
+        "```python", "from mlx_music import load", "", f'model = load("{repo}")',
+        f'result = model.generate(["{prompt}"], duration=10)  # result.audio[0]: [channels, samples]', "```",
     ]
 
     dec, te = config.get("decoder") or {}, config.get("text_encoder") or {}

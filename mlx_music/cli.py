@@ -173,10 +173,15 @@ _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--
 
 
 def _as_flags(e: ValueError) -> ValueError:
+    """The runtime's "parameter value: problem (use other)" → "--flag value: problem (use --other)":
+    the leading name and a "use X" hint, never words inside paths or values."""
     import re
 
-    msg = re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], str(e))
-    return ValueError(msg)
+    msg, name = str(e), str(e).split(" ", 1)[0].rstrip(":")
+    if name not in _FLAGS:
+        return e
+    msg = _FLAGS[name] + msg[len(name):]
+    return ValueError(re.sub(r"\(use (\w+)", lambda m: f"(use {_FLAGS.get(m.group(1), m.group(1))}", msg))
 
 
 @main.command()

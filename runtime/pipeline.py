@@ -119,7 +119,7 @@ class MusicGenPipeline:
         """Prompts and shared settings → one `Request` per prompt; row i gets ``seed + i``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: give a prompt string or a non-empty list of strings")
+            raise ValueError("prompts: give at least one prompt (a string, or a list of strings)")
         per_row = {k: settings.pop(k) for k in ("melody",) if isinstance(settings.get(k), list)}
         if per_row.get("melody") is not None and len(per_row["melody"]) not in (1, len(prompts)):
             raise ValueError(f"melody: got {len(per_row['melody'])} melodies for {len(prompts)} prompts")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -55,20 +55,16 @@ class SamplingConfig:
         return cls(**values).validate()
 
     def validate(self) -> "SamplingConfig":
-        def number(name: str, v: Any) -> float:
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(float(v)):
-                raise ValueError(f"{name} {v!r}: must be a finite number")
-            return float(v)
+        def check(name: str, v: Any, ok: Callable[[float], bool], expected: str) -> None:
+            number = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+            if not (number and math.isfinite(float(v)) and ok(float(v))):
+                raise ValueError(f"{name} {v!r}: must be {expected}")
 
-        if number("guidance_scale", self.guidance_scale) < 0:
-            raise ValueError(f"guidance_scale {self.guidance_scale}: must be >= 0 (1 turns guidance off)")
-        if number("temperature", self.temperature) <= 0 and not self.greedy:
-            raise ValueError(f"temperature {self.temperature}: must be > 0 (use greedy for argmax decoding)")
-        if int(number("top_k", self.top_k)) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k {self.top_k}: must be an integer >= 0 (0 turns top-k off)")
-        if not 0.0 <= number("top_p", self.top_p) <= 1.0:
-            raise ValueError(f"top_p {self.top_p}: must be in (0, 1], or 0 to turn it off")
+        check("guidance_scale", self.guidance_scale, lambda v: v >= 0, ">= 0 (1 turns guidance off)")
+        if not self.greedy:
+            check("temperature", self.temperature, lambda v: v > 0, "> 0 (use greedy for argmax decoding)")
+        check("top_k", self.top_k, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 turns top-k off)")
+        check("top_p", self.top_p, lambda v: 0 <= v <= 1, "in (0, 1], or 0 to turn it off")
         return replace(self, top_k=int(self.top_k), greedy=bool(self.greedy))
 
     @property

@@ -157,9 +157,9 @@ def test_continuation_keeps_prompt_frames(mlx_folder, window_s, duration, prompt
     audio, _sr, codes = gen(pipe, PROMPT, duration, seed=8, audio_prompt=prompt, extend_stride=0.6)
     frames = round(duration * 50)
     assert codes.shape == (1, 4, frames) and audio.shape == (1, 1, frames * HOP)
-    np.testing.assert_array_equal(codes[..., :p], prompt_codes)
+    np.testing.assert_array_equal(codes[0, :, :p], prompt_codes)
     # The audio starts with the prompt, re-synthesised by the codec (away from the junction).
-    ref = pipe.decode_codes(prompt_codes)[..., :(p - 10) * HOP]
+    ref = pipe.decode_codes(prompt_codes[None])[..., :(p - 10) * HOP]
     assert snr_db(ref, audio[..., :ref.shape[-1]]) >= 60.0
 
 
@@ -169,7 +169,7 @@ def test_prompt_longer_than_window_is_kept(mlx_folder):
     prompt_codes = pipe.encode_audio(prompt)
     _a, _sr, codes = gen(pipe, PROMPT, 2.3, greedy=True, audio_prompt=prompt, extend_stride=0.6)
     assert codes.shape[-1] == 115
-    np.testing.assert_array_equal(codes[..., :75], prompt_codes)
+    np.testing.assert_array_equal(codes[0, :, :75], prompt_codes)
 
 
 # ----------------------------------------------------------------------------- melody per window

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from generation_helpers import gen  # noqa: E402
 from mlx_music.converters.model_card import REPO_PLACEHOLDER, render_model_card
 from mlx_music.converters.publish import PublishError, find_token, publish, validate_folder, validate_repo_id
 from tests.test_hub import fake_checkpoint_files, write_folder
@@ -60,7 +59,7 @@ def test_model_card_full():
     assert "pip install mlx-music" in card
     assert 'mlx-music generate --model me/musicgen-stereo-melody-4bit-mlx --prompt "' in card
     assert 'model = load("me/musicgen-stereo-melody-4bit-mlx")' in card
-    assert "audio, sr, _ = gen(model, [" in card and "duration=10)" in card
+    assert "from mlx_music import load" in card and "result = model.generate([" in card and "duration=10)" in card
     assert "0123456789abcdef0123456789abcdef01234567" in card and "mlx-music 0.1.0" in card
     assert "model-00001-of-00002.safetensors" in card and "float16" in card and "group size 64" in card
     assert "/home/me/secret" not in card  # local paths never leak into a public card
