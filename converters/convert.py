@@ -221,9 +221,13 @@ def convert_checkpoint(
     allow_nonfinite: bool = False,
     workers: int = 4,
     progress: bool = True,
+    adapter: str | Path | None = None,
     _after_tensor: Callable[[int], None] | None = None,
 ) -> ConversionResult:
-    """Convert one checkpoint. Raises ConvertError (one-line message) for any bad input."""
+    """Convert one checkpoint. Raises ConvertError (one-line message) for any bad input.
+
+    adapter: a PEFT LoRA adapter (folder or hub repo id) merged into the weights as they are
+    written (converters/adapters.py)."""
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if quantize is not None:
@@ -247,6 +251,12 @@ def convert_checkpoint(
 
     reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
     plan = plan_for(reader.tensors, manifest, cfg, str(source.folder / "config.json"))
+    merger = None
+    if adapter is not None:
+        from .adapters import AdapterMerger, read_peft_adapter
+
+        merger = AdapterMerger(read_peft_adapter(adapter))
+        merger.check({k: r.shape for k, r in plan.recipes.items()})
     qbits: dict[str, int] = {}
     skipped: list[str] = []
     if quantize is not None:
@@ -290,20 +300,25 @@ def convert_checkpoint(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
         qcache: dict[str, dict[str, np.ndarray]] = {}
 
+        def _merged(r: Recipe, arr: np.ndarray) -> np.ndarray:
+            return merger.merge(r.out_key, arr) if merger is not None else arr
+
         def produce(key: str) -> np.ndarray:
             r, how = by_key[key]
             if how.startswith("q:"):
                 _, part, target = how.split(":")
                 module = r.out_key[: -len(".weight")]
                 if module not in qcache:
-                    w = _checked(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose), allow_nonfinite)
+                    w = _checked(r, _merged(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose)),
+                                 allow_nonfinite)
                     qcache[module] = _quantize(w, qbits[module], group_size, target)
                 res = qcache[module][part]
                 if part == "biases":
                     qcache.pop(module)
                 return res
             target = how.split(":")[1]
-            arr = _checked(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose), allow_nonfinite)
+            arr = _checked(r, _merged(r, apply_recipe(r.op, reader.read_many(r.sources), r.transpose)),
+                           allow_nonfinite)
             return cast(arr, target)[0]
 
         def emit(it: OutputTensor, result, done: int) -> int:
@@ -361,6 +376,8 @@ def convert_checkpoint(
             "dropped": plan.summary(),
             "dropped_keys": dict(sorted(plan.dropped.items())),
         }
+        if merger is not None:
+            record["adapter"] = merger.adapter.record()
         (tmp / "README.md").write_text(_model_card(cfg, record))
         for p in sorted(tmp.iterdir()):
             if p.name not in record_files and p.is_file():

@@ -77,9 +77,10 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Reader threads.")
 @click.option("--upload-repo", default=None, help="After converting, publish to this hub repo (org/name).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--adapter", default=None, help="PEFT LoRA adapter (folder or hub repo id) to merge into the weights.")
 @friendly_errors
 def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q_recipe, max_shard_size,
-            revision, force, allow_nonfinite, workers, upload_repo, quiet):
+            revision, force, allow_nonfinite, workers, upload_repo, quiet, adapter):
     """Convert a Hugging Face MusicGen checkpoint into an MLX checkpoint folder."""
     from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
@@ -88,7 +89,8 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
     qopts = QuantizeOptions(int(q_bits), int(q_group_size), q_recipe) if quantize else None
     res = convert_checkpoint(hf_path, mlx_path, variant=variant, dtype=dtype, quantize=qopts,
                              max_shard_size=max_shard_size, force=force, revision=revision,
-                             allow_nonfinite=allow_nonfinite, workers=workers, progress=not quiet)
+                             allow_nonfinite=allow_nonfinite, workers=workers, progress=not quiet,
+                             adapter=adapter)
     click.echo(f"wrote {res.path}: variant {res.variant or 'custom'}, {res.num_tensors} tensors, "
                f"{res.num_parameters:,} parameters, {res.total_bytes / 1e6:.1f} MB")
     if res.quantized:
@@ -100,6 +102,22 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
 
         publish(res.path, upload_repo)
         click.echo(f"published to {upload_repo}")
+
+
+@main.command("convert-adapter")
+@click.argument("adapter")
+@click.option("--mlx-path", required=True, type=click.Path(), help="Output folder for the MLX adapter.")
+@click.option("--base", default=None, type=click.Path(), help="Converted MLX checkpoint to check the adapter against now.")
+@click.option("--revision", default=None, help="Hub revision when ADAPTER is a repo id.")
+@click.option("--force", is_flag=True, help="Replace an existing --mlx-path.")
+@friendly_errors
+def convert_adapter_cmd(adapter, mlx_path, base, revision, force):
+    """Convert a PEFT LoRA adapter (folder or hub repo id) into an MLX adapter for `generate --adapter`."""
+    from mlx_music.converters.adapters import convert_adapter
+
+    out = convert_adapter(adapter, mlx_path, force=force, revision=revision, base=base)
+    n = len(json.loads((out / "adapter_config.json").read_text())["modules"])
+    click.echo(f"wrote {out}: LoRA adapter, {n} modules")
 
 
 @main.command("convert-all")
@@ -169,7 +187,7 @@ def _output_paths(out: str, n: int) -> list[str]:
 _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
           "guidance_scale": "--guidance", "greedy": "--greedy", "extend_stride": "--extend-stride",
           "melody": "--melody", "audio_prompt": "--continue-from", "seed": "--seed",
-          "chunk_seconds": "--chunk-seconds", "prompts": "--prompt"}
+          "chunk_seconds": "--chunk-seconds", "prompts": "--prompt", "adapter": "--adapter"}
 
 
 def _as_flags(e: ValueError) -> ValueError:
@@ -207,9 +225,11 @@ def _as_flags(e: ValueError) -> ValueError:
 @click.option("--no-compile", is_flag=True, help="Do not compile the decoder step (debugging).")
 @click.option("-v", "--verbose", is_flag=True, help="Print steps/s and the active BLAS.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--adapter", default=None, help="MLX LoRA adapter (from `mlx-music convert-adapter`) applied to --model.")
 @friendly_errors
 def generate(model_path, prompts, duration, out, seed, guidance, temperature, top_k, top_p, greedy, melody,
-             continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet):
+             continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet,
+             adapter):
     """Generate music from text (and a melody or an audio prompt) with an MLX checkpoint."""
     import math
     import time
@@ -227,7 +247,12 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         if path is not None and not os.path.isfile(path):
             raise click.BadParameter(f"{path}: file not found", param_hint=opt)
     t0 = time.perf_counter()
-    pipe = load(model_path, revision=revision, verify=verify)
+    try:
+        pipe = load(model_path, revision=revision, verify=verify, adapter=adapter)
+    except ValueError as e:
+        if str(e).startswith("adapter"):
+            raise _as_flags(e) from None
+        raise
     if verbose:
         from mlx_music.blas import blas_info
 
@@ -283,10 +308,16 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 @click.option("--steps", type=click.IntRange(2, 500), default=12, show_default=True, help="Greedy tokens to compare.")
 @click.option("--min-top1", type=float, default=None, help="With --reference-mlx-path: fail below this top-1 agreement.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--adapter", default=None,
+              help="PEFT LoRA adapter: the reference is transformers + peft merge_and_unload(); --mlx-path is its "
+                   "merged conversion, or the base (the adapter is then applied at run time).")
 @friendly_errors
 def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, length, seed, dequantize, max_kl,
-           melody, steps, min_top1, as_json):
+           melody, steps, min_top1, as_json, adapter):
     """Check an MLX checkpoint against transformers (or a quantized one against fp32). Exit 1 on failure."""
+    if reference_mlx_path and adapter:
+        raise click.UsageError("--adapter compares against transformers + peft: use it with --hf-path, "
+                               "not --reference-mlx-path")
     if reference_mlx_path:
         from mlx_music.eval.fidelity import fidelity_report
 
@@ -299,7 +330,8 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
         raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
     from mlx_music.eval.parity import run_parity
 
-    rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody, audio_prompt=continue_from, seed=seed)
+    rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody, audio_prompt=continue_from, seed=seed,
+                     adapter=adapter)
     click.echo(rep.to_json() if as_json else rep.format_table())
     sys.exit(0 if rep.ok else 1)
 

@@ -58,12 +58,22 @@ def load_model(folder: Path, verify: bool = False) -> tuple[MusicGen, dict]:
     return model, config
 
 
-def load(path_or_repo_id: str | Path, revision: str | None = None, verify: bool = False):
-    """Load a checkpoint: a local MLX folder or a hub repo id (resolved through the HF cache)."""
+def load(path_or_repo_id: str | Path, revision: str | None = None, verify: bool = False, adapter=None):
+    """Load a checkpoint: a local MLX folder or a hub repo id (resolved through the HF cache).
+
+    adapter: an MLX LoRA adapter folder / repo id (`mlx-music convert-adapter`) applied on top;
+    switch it later with `pipe.set_adapter(...)`."""
     from mlx_music.runtime.pipeline import MusicGenPipeline
     from mlx_music.runtime.text import TextTokenizer
 
     folder = resolve_model_path(str(path_or_repo_id), revision=revision)
+    if adapter is not None:
+        from mlx_music.runtime.adapters import Adapter, load_adapter
+
+        adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)  # fail before the weights load
     model, config = load_model(Path(folder), verify=verify)
     tokenizer = TextTokenizer(Path(folder) / "tokenizer.json", config["text_encoder"].get("max_text_tokens", 512))
-    return MusicGenPipeline(model, config, tokenizer, Path(folder))
+    pipe = MusicGenPipeline(model, config, tokenizer, Path(folder))
+    if adapter is not None:
+        pipe.set_adapter(adapter)
+    return pipe

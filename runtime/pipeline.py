@@ -169,6 +169,28 @@ class MusicGenPipeline:
             self._loops[key] = loop
         return loop
 
+    # -------------------------------------------------------------- adapters
+    @property
+    def adapter(self):
+        """The LoRA adapter applied now (a `runtime.adapters.Adapter`), or None for the base."""
+        slot = getattr(self, "_adapter_slot", None)
+        return slot.adapter if slot is not None else None
+
+    def set_adapter(self, adapter) -> None:
+        """Apply an MLX LoRA adapter (folder, hub repo id or `Adapter`), or None for the base model.
+
+        Switching is exact and needs no reload: the base weights of every module an adapter has
+        touched are kept, and each switch recomputes them (see `runtime.adapters.AdapterSlot`).
+        Raises ValueError naming the adapter and module at fault; the model is left unchanged."""
+        from mlx_music.runtime.adapters import AdapterSlot
+
+        if any(loop.busy for loop in self._loops.values()):
+            raise ValueError("adapter: cannot switch while a generation is running")
+        if getattr(self, "_adapter_slot", None) is None:
+            self._adapter_slot = AdapterSlot(self.model, self.config)
+        self._adapter_slot.set(adapter)
+        self._loops = {}  # their compiled steps hold the previous weights
+
     # ----------------------------------------------------------------- codec
     def encode_audio(self, audio: AudioInput) -> np.ndarray:
         """An audio prompt (path or (waveform, sr)) → codes (K, frames) int32.

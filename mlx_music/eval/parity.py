@@ -574,13 +574,18 @@ def _generate(pipe, prompts, **kwargs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prompts: Sequence[str] | None = None,
-               steps: int = 12, melody: Any = None, audio_prompt: Any = None, seed: int = 0) -> ParityReport:
+               steps: int = 12, melody: Any = None, audio_prompt: Any = None, seed: int = 0,
+               adapter: str | os.PathLike | None = None) -> ParityReport:
     """Compare an MLX checkpoint with its transformers source; see the module docstring.
 
     prompts: text prompts (default: two of different lengths). steps: greedy tokens to generate
     (≥ 2 × codebook delay so transformers applies its delay pattern). melody: path or
     (waveform, sr) for melody models (default: `melody_test_signal()` at 44.1 kHz).
     audio_prompt: path or (waveform, sr); adds the continuation rows.
+    adapter: a PEFT LoRA adapter; the reference is ``PeftModel(hf, adapter).merge_and_unload()``.
+    An MLX checkpoint converted with that adapter merged (its conversion.json records it) is
+    compared as is; any other is taken as the base and gets the adapter at run time
+    (converted to an MLX adapter in a temporary folder, applied with ``set_adapter``).
     """
     import torch
 
@@ -602,7 +607,7 @@ def run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, promp
         err = fixed
     try:
         report = _run_parity(hf_path, mlx_path, prompts=prompts, steps=steps, melody=melody,
-                             audio_prompt=audio_prompt, seed=seed)
+                             audio_prompt=audio_prompt, seed=seed, adapter=adapter)
     finally:
         if mkl_prev is not None:
             _set_mkl_threads(mkl_prev)
@@ -616,7 +621,8 @@ def run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, promp
 
 
 def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prompts: Sequence[str] | None,
-                steps: int, melody: Any, audio_prompt: Any, seed: int) -> ParityReport:
+                steps: int, melody: Any, audio_prompt: Any, seed: int,
+                adapter: str | os.PathLike | None = None) -> ParityReport:
     import torch
 
     hf_path, mlx_path = os.fspath(hf_path), os.fspath(mlx_path)
@@ -649,8 +655,13 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
 
     hf = _load_reference(hf_ref, is_melody)
     pipe = load(str(folder))
+    adapter_note = None
+    if adapter is not None:
+        hf, adapter_note = _apply_adapter(hf, pipe, folder, os.fspath(adapter))
     model = pipe.model
     report = ParityReport(hf_path, mlx_path, mlx_cfg["model_type"])
+    if adapter_note:
+        report.notes.append(adapter_note)
     rows = _Rows()
     rng = np.random.default_rng(seed)
     fr, sr32 = pipe.frame_rate, pipe.sample_rate
@@ -784,6 +795,33 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     report.rows = rows.rows
     report.notes.insert(0, f"{b} prompts, {steps} greedy steps ({frames} frames), guidance {GUIDANCE}")
     return report
+
+
+def _apply_adapter(hf, pipe, folder: Path, adapter: str):
+    """The reference merged with the PEFT adapter (peft's merge_and_unload); the MLX side as
+    converted when its record names a merged adapter, else the adapter applied at run time."""
+    import tempfile
+
+    from mlx_music.converters.adapters import convert_adapter, read_peft_adapter
+
+    peft_adapter = read_peft_adapter(adapter)  # our checks first: one-line errors, not peft's
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ParityError("--adapter: parity with an adapter needs peft (pip install peft)") from None
+    try:
+        merged = PeftModel.from_pretrained(hf, str(peft_adapter.folder)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - peft's own refusal, as one line
+        raise ParityError(f"--adapter {adapter}: peft cannot apply it ({_one_line(e)})") from None
+    try:
+        record = json.loads((folder / "conversion.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and record.get("adapter"):
+        return merged.eval(), f"adapter: {adapter} merged at conversion (conversion.json) vs peft merge_and_unload"
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.set_adapter(convert_adapter(adapter, Path(tmp) / "adapter"))
+    return merged.eval(), f"adapter: {adapter} applied at run time (set_adapter) vs peft merge_and_unload"
 
 
 def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, prompts: list[str], t_ids, t_mask,
