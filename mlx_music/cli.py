@@ -1,4 +1,4 @@
-"""`mlx-music` command line: convert, convert-all, inspect, generate, parity, publish, doctor.
+"""`mlx-music` command line: convert, convert-all, inspect, generate, batch, parity, publish, doctor.
 
 Heavy imports happen inside commands so `mlx-music --help` is instant and the runtime commands
 work without the converter's extras (torch) installed.
@@ -355,6 +355,39 @@ def publish(folder, repo, private, dry_run, revision, message, token):
         click.echo(f"dry run: would upload {len(files)} files to {repo}; nothing uploaded")
     else:
         click.echo(f"uploaded {len(files)} files to https://huggingface.co/{repo}")
+
+
+@main.command()
+@click.argument("prompts", type=click.Path())
+@click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (org/name).")
+@click.option("--out-dir", required=True, type=click.Path(), help="Folder for the audio files and results.jsonl (created).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="Rows generated together (rows are sorted by duration first).")
+@click.option("--format", "fmt", type=click.Choice(["wav", "flac"]), default="wav", show_default=True,
+              help="Audio file format (16-bit PCM).")
+@click.option("--strict", is_flag=True, help="Check every row first; stop (exit 2) if any row is bad.")
+@click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
+@click.option("--verify", is_flag=True, help="Check every weight file's sha256 against the conversion record.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verify, quiet):
+    """Generate one audio file per row of a JSONL or CSV prompts file into --out-dir, with a
+    results.jsonl manifest. Resumable: a rerun redoes only rows not finished. Under `mlx.launch`
+    the rows are split over the ranks. Exit 1 (from rank 0) if a row failed."""
+    from mlx_music.runtime.batch_job import run_batch
+
+    s = run_batch(prompts, model_path, out_dir, batch_size=batch_size, fmt=fmt, strict=strict,
+                  progress=not quiet, revision=revision, verify=verify, log=click.echo)
+    rate = f"{s.audio_seconds / s.seconds:.2f} s of audio/s" if s.seconds else "-"
+    where = f"rank {s.rank}/{s.size}: " if s.size > 1 else ""
+    click.echo(f"{where}generated {s.generated} rows, {s.audio_seconds:.1f} s of audio in {s.seconds:.1f} s ({rate})",
+               err=s.rank > 0)
+    if s.rank == 0:
+        for line in s.failures[:20]:
+            click.echo(f"failed: {line}", err=True)
+        if len(s.failures) > 20:
+            click.echo(f"... and {len(s.failures) - 20} more failed rows (see {s.manifest})", err=True)
+    sys.exit(1 if s.rank == 0 and s.failed else 0)  # mlx.launch stops every rank when one exits non-zero
 
 
 @main.command()
