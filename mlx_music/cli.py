@@ -390,6 +390,58 @@ def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verif
     sys.exit(1 if s.rank == 0 and s.failed else 0)  # mlx.launch stops every rank when one exits non-zero
 
 
+def _model_specs(specs: tuple[str, ...]) -> dict[str, str]:
+    """``--model`` values (``PATH``, ``REPO`` or ``ID=PATH``) → {id: source}; the id defaults to
+    the last path component."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        mid, sep, src = spec.partition("=")
+        if not sep:
+            mid, src = os.path.basename(os.path.normpath(spec)), spec
+        if mid in out:
+            raise click.BadParameter(f"{spec}: model id {mid!r} is given twice; name one with ID=PATH",
+                                     param_hint="--model")
+        out[mid] = src
+    return out
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, required=True,
+              help="MLX checkpoint folder or hub repo id; repeat for several. ID=PATH names it (default id: the folder name).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Most requests of one model decoded as one batch.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=50.0, show_default=True,
+              help="How long the first waiting request waits for others to join its batch.")
+@click.option("--max-queue", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="Waiting requests before the server answers 503 (with Retry-After).")
+@click.option("--max-duration", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
+              help="Longest request in seconds; longer ones are refused, not clipped.")
+@click.option("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True), default=16.0, show_default=True,
+              help="Largest request body (melody / audio prompt uploads).")
+@click.option("--chunk-seconds", type=click.FloatRange(0.02, 30), default=0.5, show_default=True,
+              help="Audio per streamed chunk.")
+@click.option("--keep-clips", type=click.IntRange(1, 10000), default=32, show_default=True,
+              help="Finished clips of the page kept in memory for download.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn log level.")
+@friendly_errors
+def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration, max_upload_mb, chunk_seconds,
+          keep_clips, log_level):
+    """Serve a web page and an HTTP API (OpenAPI docs at /docs) that generate with these models."""
+    try:
+        from mlx_music.server import ServerConfig, serve as run_server
+    except ImportError as e:
+        raise click.ClickException(f"the server needs the serve extra: pip install 'mlx-music[serve]' ({e})")
+    cfg = ServerConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
+                       max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                       chunk_seconds=chunk_seconds, keep_clips=keep_clips)
+    specs = _model_specs(models)
+    click.echo(f"serving {', '.join(specs)} on http://{host}:{port}/ (API docs at /docs)", err=True)
+    run_server(specs, host=host, port=port, config=cfg, log_level=log_level)
+
+
 @main.command()
 def doctor():
     """Show versions, the MLX device and which BLAS MLX's CPU kernels use."""

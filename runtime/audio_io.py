@@ -11,6 +11,7 @@ for in-memory input) so the CLI can print it as is.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -24,11 +25,14 @@ __all__ = [
     "AudioInputError",
     "ProgressiveWavWriter",
     "SUPPORTED_OUTPUT_EXTENSIONS",
+    "audio_bytes",
     "load_audio_input",
+    "pcm_bytes",
     "read_audio",
     "resample",
     "save_audio",
     "to_channels",
+    "wav_header",
 ]
 
 # Output container and default sample format per extension. PCM_16 keeps files
@@ -251,6 +255,57 @@ def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str |
     return path
 
 
+def audio_bytes(audio: Any, sr: int, fmt: str = "wav") -> bytes:
+    """A whole ``[C, S]`` clip as the bytes of a 16-bit ``wav`` or ``flac`` file, exactly what
+    `save_audio` writes to a ``.wav`` / ``.flac`` path (same libsndfile conversion)."""
+    ext = "." + str(fmt).lower()
+    if ext not in (".wav", ".flac"):
+        raise AudioInputError("<memory>", f"unsupported format {fmt!r}; use wav or flac")
+    container, subtype = SUPPORTED_OUTPUT_EXTENSIONS[ext]
+    arr = _prepare_output(audio, "<memory>")
+    buf = io.BytesIO()
+    sf.write(buf, _ready_for_subtype(arr, subtype), int(sr), format=container, subtype=subtype)
+    return buf.getvalue()
+
+
+def pcm_bytes(audio: Any, sr: int, subtype: str = "PCM_16") -> bytes:
+    """``[C, n]`` float samples as interleaved little-endian PCM bytes (no header).
+
+    The conversion is libsndfile's (a headerless RAW container), the same as `save_audio` and
+    `ProgressiveWavWriter`, so a WAV streamed as `wav_header` + these chunks holds the samples of
+    the file `save_audio` writes. Chunks convert independently: concatenated chunks equal the
+    whole. Empty input gives ``b""``.
+    """
+    arr = _as_float32(_to_numpy(audio), "<stream>")
+    arr = arr[None, :] if arr.ndim == 1 else arr
+    if arr.shape[-1] == 0:
+        return b""
+    arr = _prepare_output(arr, "<stream>")
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", int(sr), arr.shape[0], subtype=subtype, endian="LITTLE", format="RAW") as f:
+        f.write(_ready_for_subtype(arr, subtype))
+    return buf.getvalue()
+
+
+def wav_header(sr: int, channels: int, frames: int, subtype: str = "PCM_16") -> bytes:
+    """The RIFF header of a WAV file of ``frames`` samples per channel (``PCM_16`` or ``FLOAT``).
+
+    Written before the samples are known (streaming); pass the expected length, or the most that
+    fits a WAV (``0xFFFFFFFF`` bytes) when it is unknown.
+    """
+    tag, width = ProgressiveWavWriter._SUBTYPES[subtype]
+    block = channels * width
+    data_bytes = min(frames * block, (0xFFFFFFFF - 58) // block * block)
+    fmt = struct.pack("<HHIIHH", tag, channels, sr, sr * block, block, 8 * width)
+    if tag == 1:
+        chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    else:
+        fmt += struct.pack("<H", 0)  # cbSize: no extension
+        chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<II", 4, data_bytes // block)
+    chunks += b"data" + struct.pack("<I", data_bytes)
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks) + data_bytes) + b"WAVE" + chunks
+
+
 class ProgressiveWavWriter:
     """Append chunks to a WAV file that is complete and valid after every chunk.
 
@@ -290,23 +345,8 @@ class ProgressiveWavWriter:
             self._fh = open(self.path, "wb")
             self._write_header()
 
-    # Header layout: RIFF(12) + fmt chunk (8 + 16 PCM / 8 + 18 float) [+ fact (12)] + data header (8).
     def _header(self) -> bytes:
-        block = self.channels * self._width
-        data_bytes = self.frames * block
-        fmt = struct.pack(
-            "<HHIIHH", self._tag, self.channels, self.sr, self.sr * block, block, 8 * self._width
-        )
-        chunks = b""
-        if self._tag == 1:
-            chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
-        else:
-            fmt += struct.pack("<H", 0)  # cbSize: no extension
-            chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
-            chunks += b"fact" + struct.pack("<II", 4, self.frames)
-        chunks += b"data" + struct.pack("<I", data_bytes)
-        riff_size = 4 + len(chunks) + data_bytes
-        return b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + chunks
+        return wav_header(self.sr, self.channels, self.frames, self.subtype)
 
     def _write_header(self) -> None:
         assert self._fh is not None
