@@ -37,6 +37,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_music.models.kernels import add_layer_norm, decode_attention
+
 
 @dataclass
 class DecoderArgs:
@@ -86,8 +88,9 @@ class KVCache:
     `state["layers"][index]`, the write position is `state["offset"]`) and are read through it
     on every call, so the leaves that `mx.compile` swaps in that tree are always the ones used.
 
-    state["layers"][i]["keys"|"values"]: self-attention K/V, (B, heads, max_len, head_dim);
-    state["layers"][i]["cross_keys"|"cross_values"]: cross-attention K/V (B, heads, S, head_dim),
+    state["layers"][i]["kv"]: self-attention keys and values in one buffer,
+        (2, B, heads, max_len, head_dim) (one `slice_update` per layer and step);
+    state["layers"][i]["cross_kv"]: cross-attention keys and values (2, B, heads, S, head_dim),
         present once `MusicgenDecoder.set_cross_attention` has run (text models).
     """
 
@@ -110,19 +113,23 @@ class KVCache:
         `MusicgenDecoder.__call__` advances the shared offset once per call. Slots past the newest
         position hold stale values; the caller's mask must hide them.
         """
+        kv = self.update_stacked(mx.stack([keys, values]))
+        return kv[0], kv[1]
+
+    def update_stacked(self, kv: mx.array) -> mx.array:
+        """Write stacked keys and values (2, B, heads, T, head_dim) at the offset in one update;
+        return the whole buffer (2, B, heads, max_len, head_dim)."""
         st = self.state
-        start = self.offset.reshape(1)
-        st["keys"] = mx.slice_update(st["keys"], keys.astype(st["keys"].dtype), start, axes=(2,))
-        st["values"] = mx.slice_update(st["values"], values.astype(st["values"].dtype), start, axes=(2,))
-        return st["keys"], st["values"]
+        st["kv"] = mx.slice_update(st["kv"], kv.astype(st["kv"].dtype), self.offset.reshape(1), axes=(3,))
+        return st["kv"]
 
     def set_cross(self, keys: mx.array, values: mx.array) -> None:
-        self.state["cross_keys"], self.state["cross_values"] = keys, values
+        self.state["cross_kv"] = mx.stack([keys, values])
 
     def cross(self) -> tuple[mx.array, mx.array, mx.array]:
         """(keys, values, mask) of this layer's cross-attention."""
-        st = self.state
-        return st["cross_keys"], st["cross_values"], self._root["cross_mask"]
+        kv = self.state["cross_kv"]
+        return kv[0], kv[1], self._root["cross_mask"]
 
 
 class DecoderCache:
@@ -152,10 +159,9 @@ class DecoderCache:
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
               dtype: mx.Dtype) -> "DecoderCache":
-        shape = (batch_size, num_heads, max_len, head_dim)
+        shape = (2, batch_size, num_heads, max_len, head_dim)
         return cls({
-            "layers": [{"keys": mx.zeros(shape, dtype), "values": mx.zeros(shape, dtype)}
-                       for _ in range(num_layers)],
+            "layers": [{"kv": mx.zeros(shape, dtype)} for _ in range(num_layers)],
             "offset": mx.array(0, dtype=mx.int32),
         })
 
@@ -169,11 +175,11 @@ class DecoderCache:
 
     @property
     def max_len(self) -> int:
-        return self.state["layers"][0]["keys"].shape[2]
+        return self.state["layers"][0]["kv"].shape[3]
 
     @property
     def batch_size(self) -> int:
-        return self.state["layers"][0]["keys"].shape[0]
+        return self.state["layers"][0]["kv"].shape[1]
 
     @property
     def has_cross_attention(self) -> bool:
@@ -195,6 +201,22 @@ def _split_stacked(x: mx.array, n: int, num_heads: int) -> list[mx.array]:
 def _merge_heads(x: mx.array) -> mx.array:
     B, H, T, D = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def _linear(m: nn.Module, x: mx.array) -> mx.array:
+    """m(x) with the rows flattened to one matrix for quantized layers.
+
+    MLX's CUDA quantized matmul treats a (B, 1, in) input as B separate products of one row each
+    (re-reading the weights per row once B >= 8); as (B, in) it is one product of B rows.
+    """
+    if isinstance(m, nn.QuantizedLinear) and x.ndim > 2:
+        return m(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    return m(x)
+
+
+def _norm(m: nn.LayerNorm, x: mx.array, d: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(x + d, m(x + d)) with one fused kernel where available (d None: no residual)."""
+    return add_layer_norm(x, d, m.weight, m.bias, m.eps)
 
 
 # ------------------------------------------------------------------- fusing at load time
@@ -302,17 +324,27 @@ class Attention(nn.Module):
 
     def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None) -> mx.array:
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.out_proj(_merge_heads(out))
+        return _linear(self.out_proj, _merge_heads(out))
+
+    def attend_decode(self, q: mx.array, kv: mx.array, visible: mx.array, by_limit: bool) -> mx.array:
+        """One query position per row over a stacked (2, B, heads, L, head_dim) K/V buffer."""
+        out = decode_attention(q, kv, visible, by_limit=by_limit, scale=self.scale)
+        return _linear(self.out_proj, out)
 
 
 class SelfAttention(Attention):
     _FUSED = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
-        q, k, v = _split_stacked(self.qkv_proj(x), 3, self.num_heads)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        return self.attend(q, k, v, mask)
+        B, T, _ = x.shape
+        qkv = _linear(self.qkv_proj, x).reshape(B, T, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q = qkv[0]
+        if cache is None:
+            return self.attend(q, qkv[1], qkv[2], mask)
+        kv = cache.update_stacked(qkv[1:])  # keys and values: one write into one buffer
+        if T == 1:  # decode step: slot j is visible iff j <= offset
+            return self.attend_decode(q, kv, cache.offset, by_limit=True)
+        return self.attend(q, kv[0], kv[1], mask)
 
 
 class CrossAttention(Attention):
@@ -320,11 +352,15 @@ class CrossAttention(Attention):
 
     def keys_values(self, states: mx.array) -> tuple[mx.array, mx.array]:
         """K and V of the encoder states (B, S, dims), each (B, heads, S, head_dim)."""
-        k, v = _split_stacked(self.kv_proj(states), 2, self.num_heads)
+        k, v = _split_stacked(_linear(self.kv_proj, states), 2, self.num_heads)
         return k, v
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
-        return self.attend(_split_heads(self.q_proj(x), self.num_heads), keys, values, mask)
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None,
+                 stacked: mx.array | None = None) -> mx.array:
+        q = _split_heads(_linear(self.q_proj, x), self.num_heads)
+        if stacked is not None and x.shape[1] == 1 and mask is not None:
+            return self.attend_decode(q, stacked, mask.reshape(mask.shape[0], mask.shape[-1]), by_limit=False)
+        return self.attend(q, keys, values, mask)
 
 
 class DecoderLayer(nn.Module):
@@ -341,14 +377,20 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(args.ffn_dim, h, bias=False)
 
     def __call__(self, x: mx.array, self_mask: mx.array | str | None, cache: KVCache | None,
-                 cross: tuple[mx.array, mx.array, mx.array | None] | None) -> mx.array:
+                 cross: tuple | None, pending: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """Returns (x, d): the layer's output is x + d. The last residual add is left to the
+        caller (`pending` of the next layer, or the final norm), so that every residual add runs
+        fused with the LayerNorm after it (`_norm`)."""
         # Self-attention. With a cache, this call's K/V are written at the offset and the queries
-        # attend to the whole fixed-size buffer; `self_mask` hides the slots not yet written.
-        x = x + self.self_attn(self.self_attn_layer_norm(x), self_mask, cache)
+        # attend to the whole fixed-size buffer; `self_mask` / the offset hide unwritten slots.
+        x, h = _norm(self.self_attn_layer_norm, x, pending)
+        d = self.self_attn(h, self_mask, cache)
         if cross is not None:
-            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *cross)
+            x, h = _norm(self.encoder_attn_layer_norm, x, d)
+            d = self.encoder_attn(h, *cross)
         # GELU MLP; nn.gelu is the exact erf form, as in the reference.
-        return x + self.fc2(nn.gelu(self.fc1(self.final_layer_norm(x))))
+        x, h = _norm(self.final_layer_norm, x, d)
+        return x, _linear(self.fc2, nn.gelu(_linear(self.fc1, h)))
 
 
 def _cross_mask(encoder_mask: mx.array | None) -> mx.array | None:
@@ -364,6 +406,13 @@ def _cross_mask(encoder_mask: mx.array | None) -> mx.array | None:
     keep = encoder_mask.astype(mx.bool_)
     keep = mx.logical_or(keep, mx.logical_not(keep.any(axis=-1, keepdims=True)))
     return keep[:, None, None, :]
+
+
+class _Tables:
+    """Derived constant arrays (the position table); kept outside the module's parameters."""
+
+    def __init__(self) -> None:
+        self.cache: dict = {}
 
 
 class MusicgenDecoder(nn.Module):
@@ -392,6 +441,7 @@ class MusicgenDecoder(nn.Module):
         self.lm_heads = [nn.Linear(args.hidden_size, args.vocab_size, bias=False)
                          for _ in range(args.num_codebooks)]
         self._fused = False
+        self._tables = _Tables()  # a plain object: not part of the parameter tree
 
     # ---------------------------------------------------------------- layout
     @property
@@ -430,8 +480,9 @@ class MusicgenDecoder(nn.Module):
         """An empty cache for `batch_size` rows and `max_len` positions (prefix + prompt + steps).
         dtype defaults to the float dtype of the decoder's norms."""
         a = self.args
-        return DecoderCache.empty(a.num_layers, batch_size, a.num_heads, max_len, a.head_dim,
-                                  dtype or self.layer_norm.weight.dtype)
+        dtype = dtype or self.layer_norm.weight.dtype
+        self._position_table(max_len, dtype)
+        return DecoderCache.empty(a.num_layers, batch_size, a.num_heads, max_len, a.head_dim, dtype)
 
     def set_cross_attention(self, cache: DecoderCache, encoder_states: mx.array,
                             encoder_mask: mx.array | None = None) -> None:
@@ -464,7 +515,7 @@ class MusicgenDecoder(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab); one matmul."""
         B, T, _ = hidden.shape
-        out = self.lm_head(hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
+        out = _linear(self.lm_head, hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
         return out.transpose(0, 2, 1, 3)
 
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,
@@ -494,26 +545,54 @@ class MusicgenDecoder(nn.Module):
             x = mx.concatenate([prefix.astype(x.dtype), x], axis=1)
         L = x.shape[1]
 
+        self_mask: mx.array | str | None = None
         if cache is None:
             positions = mx.arange(L)
-            self_mask: mx.array | str | None = "causal" if L > 1 else None
+            self_mask = "causal" if L > 1 else None
             layer_caches: list[KVCache | None] = [None] * len(self.layers)
         else:
             positions = cache.offset + mx.arange(L)
             # Slot j of the buffer is visible to the query at absolute position p iff j <= p;
-            # slots beyond the newest position hold stale values and are hidden.
-            self_mask = mx.arange(cache.max_len)[None, :] <= positions[:, None]
+            # slots beyond the newest position hold stale values and are hidden. A single-position
+            # step needs no mask array: the attention reads the offset itself.
+            if L > 1:
+                self_mask = mx.arange(cache.max_len)[None, :] <= positions[:, None]
             layer_caches = cache.layers
-        x = x + sinusoidal_positions(positions, a.hidden_size).astype(x.dtype)
+        x = x + self._positions(positions, L, cache, x.dtype)
 
         cross_for = self._cross_attention_inputs(cache, encoder_states, encoder_mask)
+        d = None
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-            x = layer(x, self_mask, layer_cache, cross_for(i))
+            x, d = layer(x, self_mask, layer_cache, cross_for(i), d)
         if cache is not None:
             cache.offset = cache.offset + L
 
-        x = self.layer_norm(x[:, P:] if P else x)
+        ln = self.layer_norm
+        if P:
+            x = self.layer_norm(x[:, P:] + d[:, P:])
+        else:
+            x = _norm(ln, x, d)[1]
         return self.logits(x)
+
+    def _positions(self, positions: mx.array, L: int, cache: DecoderCache | None, dtype: mx.Dtype) -> mx.array:
+        """Sinusoidal embeddings (L, h) of `positions` in `dtype`. A decode step (L == 1) gathers
+        one row of a table computed once per (length, dtype), one primitive instead of the
+        arange/exp/cos/sin/concatenate/cast chain; other calls compute them directly."""
+        h = self.args.hidden_size
+        if cache is None or L != 1:
+            return sinusoidal_positions(positions, h).astype(dtype)
+        table = self._tables.cache.get((cache.max_len, dtype))
+        if table is None:  # a cache not made by make_cache
+            return sinusoidal_positions(positions, h).astype(dtype)
+        return mx.take(table, positions, axis=0)
+
+    def _position_table(self, max_len: int, dtype: mx.Dtype) -> None:
+        """Compute the decode-step position table for a cache of `max_len` (outside any trace)."""
+        key = (max_len, dtype)
+        if key not in self._tables.cache:
+            table = sinusoidal_positions(mx.arange(max_len), self.args.hidden_size).astype(dtype)
+            mx.eval(table)
+            self._tables.cache = {key: table}  # one table at a time
 
     def _cross_attention_inputs(self, cache: DecoderCache | None, encoder_states: mx.array | None,
                                 encoder_mask: mx.array | None):
@@ -526,6 +605,6 @@ class MusicgenDecoder(nn.Module):
             mask = _cross_mask(encoder_mask)
             return lambda i: (*self.layers[i].encoder_attn.keys_values(encoder_states), mask)
         if cache is not None and cache.has_cross_attention:
-            return lambda i: cache.layers[i].cross()
+            return lambda i: (*cache.layers[i].cross(), cache.layers[i].state["cross_kv"])
         raise ValueError("cross-attention needs encoder_states, or a cache prepared with "
                          "set_cross_attention()")

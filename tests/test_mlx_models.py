@@ -314,7 +314,7 @@ def test_compiled_step_equals_eager_step(cross_attention):
     mask = mx.array([[1, 1, 1], [1, 0, 0]])
     prefix = 0 if cross_attention else model.chroma_length + 3
     cache = model.make_cache(B, prefix + steps + 4, mx.float32)
-    assert len(cache.layers) == 2 and cache.layers[0].state["keys"].shape == (B, 4, prefix + steps + 4, 16)
+    assert len(cache.layers) == 2 and cache.layers[0].state["kv"].shape == (2, B, 4, prefix + steps + 4, 16)
     compiled = mx.compile(lambda c: model.step(c, cache), inputs=cache.state, outputs=cache.state)
     runs = []
     for use_compiled in (False, True, True):  # the second compiled run reuses the cache and trace
