@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -223,19 +223,13 @@ class MusicGenPipeline:
         return self.generate_batch(reqs, extend_stride=extend_stride, progress=progress)
 
     def generate_batch(self, requests: Sequence[Request], *, extend_stride: float | None = None,
-                       progress: bool = False, on_frames: Callable[[int], None] | None = None) -> GenerationResult:
-        """Independent rows, each with its own prompt, duration, seed and settings.
-
-        ``on_frames(final)``, if given, is called after every decoder step with the number of
-        leading frames that are final (a row never has more than its own); batch jobs drive
-        their own progress bar with it."""
+                       progress: bool = False) -> GenerationResult:
+        """Independent rows, each with its own prompt, duration, seed and settings."""
         frames = self.frames(requests, extend_stride)
         t0 = time.perf_counter()
         with _progress_bar(progress, frames, self.frame_rate, "generate") as bar:
             for final in frames:
                 bar(final)
-                if on_frames is not None:
-                    on_frames(final)
         codes = frames.codes(frames.num_frames)
         audio: list[np.ndarray | None] = [None] * len(frames.rows)
         for n, idx in _length_groups(frames.rows).items():  # equal lengths decode together
