@@ -72,6 +72,7 @@ class PromptRow:
     melody: str | None = None  # as written in the file
     audio_prompt: str | None = None
     error: str | None = None
+    id_error: bool = False  # the id is unusable (bad, or a duplicate): the row has no file name
     resolved: dict | None = None  # the checkpoint's defaults + settings, once checked
 
     @property
@@ -141,12 +142,14 @@ def _parse_row(row: PromptRow, data: Any, csv_row: bool) -> None:
             if None in data:
                 raise ValueError("more fields than the header has columns")
             data = {k: v for k, v in data.items() if v not in (None, "")}
+        data = {k: v for k, v in data.items() if v is not None}
+        if "id" in data:
+            row.id_error = True
+            row.id = _check_id(data["id"])
+            row.id_error = False
         unknown = sorted(k for k in data if k not in KEYS)
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} (expected: {', '.join(KEYS)})")
-        data = {k: v for k, v in data.items() if v is not None}
-        if "id" in data:
-            row.id = _check_id(data["id"])
         if not isinstance(data.get("prompt"), str):
             raise ValueError("prompt: missing" if "prompt" not in data else "prompt: must be a string")
         row.prompt = data["prompt"]
@@ -227,8 +230,11 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
         raise BatchError(f"{path}: no rows")
     seen: dict[str, PromptRow] = {}
     for row in rows:
+        if row.id_error:
+            continue
         first = seen.setdefault(row.id.casefold(), row)
-        if first is not row and row.error is None:
+        if first is not row:
+            row.id_error = True
             row.error = f"id {row.id!r}: already used by row {first.number}"
     return rows
 
@@ -319,13 +325,18 @@ def _collect(out_dir: Path) -> dict[str, dict]:
     return latest
 
 
-def _consolidate(out_dir: Path, rows: Sequence[PromptRow], verify: bool) -> list[dict]:
+def _consolidate(out_dir: Path, rows: Sequence[PromptRow], verify: bool,
+                 failed: Callable[[PromptRow], dict]) -> list[dict]:
     """Rank 0: merge results.jsonl and the parts into results.jsonl (one line per row that has an
     entry, in file order), remove the parts and temporary files. ``verify``: an ok entry whose
-    file is gone or has another sha256 is dropped (the row will be redone)."""
+    file is gone or has another sha256 is dropped (the row will be redone). Rows without a
+    usable id (bad or duplicate) get their failed line, ``failed(row)``, here."""
     latest = _collect(out_dir)
     entries = []
     for row in rows:
+        if row.id_error:
+            entries.append(failed(row))
+            continue
         e = latest.get(row.id)
         if e is None:
             continue
@@ -406,12 +417,17 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
     ranks = _Ranks(group)
     out.mkdir(exist_ok=True)
     summary = BatchSummary(rows=len(rows), rank=ranks.rank, size=ranks.size)
+    def failed(row: PromptRow) -> dict:
+        return _failed(row, model_name, model_sha, fmt, row.error)
+
     if ranks.rank == 0:  # one view of what earlier runs finished, for every rank
-        _consolidate(out, rows, verify=True)
+        _consolidate(out, rows, verify=True, failed=failed)
     ranks.barrier()
     previous = {e["id"]: e for e in _read_jsonl(out / MANIFEST)}
     todo = []
     for row in rows:
+        if row.id_error:
+            continue  # rank 0 writes its line when merging
         e = previous.get(row.id)
         if row.error is None and e is not None and _matches(e, _request(row, model_name, model_sha, fmt)):
             summary.skipped += 1
@@ -435,7 +451,7 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
                 summary.failures.append(f"{entry['id']}: {entry['reason']}")
 
         for row in (r for r in mine if r.error):
-            record(_failed(row, model_name, model_sha, fmt, row.error))
+            record(failed(row))
         good = [r for r in mine if not r.error]
         batches = [good[i:i + batch_size] for i in range(0, len(good), batch_size)]
         for batch in batches:
@@ -453,7 +469,7 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
 
     ranks.barrier()  # every rank has finished its share
     if ranks.rank == 0:
-        entries = _consolidate(out, rows, verify=False)
+        entries = _consolidate(out, rows, verify=False, failed=failed)
         summary.manifest = out / MANIFEST
         summary.ok = sum(e.get("status") == "ok" for e in entries)
         summary.failed = len(entries) - summary.ok
@@ -472,8 +488,9 @@ def _failed(row: PromptRow, model: str, model_sha: str, fmt: str, reason: str) -
 
 
 def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
-    """(row, audio [C, S] or a one-line reason) for each row of a batch. A batch that raises
-    ValueError is retried row by row, so one bad input fails only its own row."""
+    """(row, audio [C, S] or a one-line reason) for each row of a batch: the rows run through one
+    token loop (`pipe.frames`, what `generate_batch` runs), each with its own seed and settings.
+    A batch that raises ValueError is retried row by row, so one bad input fails only its own row."""
     from mlx_music.runtime.generation import Request
 
     def req(r: PromptRow) -> Request:
@@ -491,10 +508,16 @@ def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
             shown = now
 
         try:
-            res = pipe.generate_batch([req(r) for r in rows], on_frames=on_frames)
+            gen = pipe.frames([req(r) for r in rows])  # generate_batch's token loop
+            for final in gen:
+                on_frames(final)
+            codes = gen.codes(gen.num_frames)
+            # Each row decoded alone: EnCodec on a batch of B > 1 rows can differ from the row
+            # alone in the last float bit, which can flip a 16-bit sample; alone, a row's file is
+            # the same whatever batch or rank produced it.
+            return [pipe.decode_codes(codes[i:i + 1, :, :r.frames])[0] for i, r in enumerate(gen.rows)]
         finally:
             bar.update(sum(frames) / pipe.frame_rate - shown)  # a failed batch's audio counts as done
-        return res.audio
 
     try:
         return list(zip(batch, run(batch)))

@@ -1,0 +1,292 @@
+"""Batch jobs (`mlx-music batch`, runtime/batch_job.py): prompts files, the manifest, resuming,
+bad rows, and 2 ranks through `mlx.launch --backend ring` on the loopback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mlx_music.runtime.batch_job import MANIFEST, model_checksum, read_prompts, run_batch
+from mlx_music.runtime.checksums import sha256_file
+
+DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
+BIN = Path(sys.executable).parent
+# Unicode prompts and ids; equal durations keep the number of compiled step shapes small.
+ROWS = [
+    {"id": "café-01", "prompt": "80s pop with synths 🎹", "duration": 0.2, "seed": 11},
+    {"id": "b", "prompt": "música tranquila, piano", "duration": 0.2, "seed": 12, "temperature": 0.7},
+    {"id": "c", "prompt": "ドラムとベース", "duration": 0.2, "seed": 13, "top_k": 50},
+    {"prompt": "ambient pads", "duration": 0.2, "seed": 14, "guidance_scale": 1.0},
+    {"id": "e", "prompt": "jazz trio", "duration": 0.2, "seed": 15, "greedy": True},
+    {"id": "f", "prompt": "Ελληνική λύρα", "duration": 0.2, "seed": 16, "top_p": 0.9},
+    {"id": "g", "prompt": "lofi beat", "duration": 0.2, "seed": 17},
+    {"id": "h", "prompt": "techno", "duration": 0.2, "seed": 18},
+]
+IDS = ["café-01", "b", "c", "00004", "e", "f", "g", "h"]  # row 4 has no id: its row number
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from mlx_music.converters.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("batch") / "tiny-stereo"
+    convert_checkpoint(DATA, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    from mlx_music import load
+
+    return load(model)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    cols = ["id", "prompt", "duration", "seed", "guidance_scale", "temperature", "top_k", "top_p", "greedy"]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: str(v).lower() if isinstance(v, bool) else v for k, v in r.items()})
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines()]
+
+
+def check_complete(out: Path, ids: list[str], model: Path, reference: dict[str, str] | None = None) -> None:
+    """Every row ok exactly once, each file complete with its recorded sha256, nothing else left."""
+    entries = manifest(out)
+    assert [e["id"] for e in entries] == ids
+    assert all(e["status"] == "ok" for e in entries), entries
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.wav" for i in ids] + [MANIFEST])
+    sha = model_checksum(model)
+    for e in entries:
+        f = out / e["file"]
+        assert e["sha256"] == sha256_file(f) and e["model_sha256"] == sha
+        info = sf.info(str(f))
+        assert (info.frames, info.channels, info.samplerate) == (e["samples"], e["channels"], e["sample_rate"])
+        assert e["samples"] == round(e["duration"] * 50) * 640  # frames x the codec hop
+        if reference is not None:
+            assert e["sha256"] == reference[e["id"]], e["id"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, pipe, model) -> tuple[Path, dict[str, str]]:
+    """One process, batches of 4: the outputs every other run must reproduce."""
+    root = tmp_path_factory.mktemp("ref")
+    prompts = write_jsonl(root / "prompts.jsonl", ROWS)
+    s = run_batch(prompts, pipe, root / "out", batch_size=4, progress=False, model_name=str(model))
+    assert (s.ok, s.failed, s.generated, s.skipped) == (8, 0, 8, 0)
+    check_complete(root / "out", IDS, model)
+    return root / "out", {e["id"]: e["sha256"] for e in manifest(root / "out")}
+
+
+# ------------------------------------------------------------------------------- reading
+def test_jsonl_and_csv_read_the_same_rows(tmp_path):
+    a = read_prompts(write_jsonl(tmp_path / "p.jsonl", ROWS))
+    b = read_prompts(write_csv(tmp_path / "p.csv", ROWS))
+    assert [r.id for r in a] == [r.id for r in b] == IDS
+    for x, y in zip(a, b):
+        assert (x.prompt, x.duration, x.seed, x.settings, x.error) == (y.prompt, y.duration, y.seed, y.settings, None)
+    assert a[1].settings == {"temperature": 0.7} and a[4].settings == {"greedy": True}
+    assert a[2].settings == {"top_k": 50} and isinstance(b[2].settings["top_k"], int)
+    assert a[2].prompt == "ドラムとベース" and a[3].seed == 14
+
+
+def test_csv_rows_give_the_same_files(tmp_path, pipe, model, reference):
+    prompts = write_csv(tmp_path / "prompts.csv", ROWS)
+    s = run_batch(prompts, pipe, tmp_path / "out", batch_size=8, progress=False, model_name=str(model))
+    assert (s.ok, s.generated) == (8, 8)
+    check_complete(tmp_path / "out", IDS, model, reference[1])  # batch of 8 = batches of 4, bit for bit
+
+
+# ------------------------------------------------------------------------------ bad rows
+def test_bad_rows_fail_alone_and_the_job_goes_on(tmp_path, pipe, model):
+    (tmp_path / "hum.wav").write_bytes(b"")  # exists: the model check comes after the file check
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
+    rows = [
+        '{"id": "ok", "prompt": "fine", "duration": 0.2, "seed": 1}',
+        '{"id": "k", "prompt": "x", "duration": 0.2, "colour": "red"}',
+        '{"id": "neg", "prompt": "x", "duration": -1}',
+        '{"id": "nomel", "prompt": "x", "duration": 0.2, "melody": "missing.wav"}',
+        '{"id": "mel", "prompt": "x", "duration": 0.2, "melody": "hum.wav"}',
+        '{"id": "t0", "prompt": "x", "duration": 0.2, "temperature": 0}',
+        '{"id": "tk", "prompt": "x", "duration": 0.2, "top_k": 2.5}',
+        '{"id": "OK", "prompt": "again", "duration": 0.2}',
+        '{"id": "a/b", "prompt": "x", "duration": 0.2}',
+        '{"prompt": "x", "duration": 0.2',
+        '{"id": "nop", "duration": 0.2}',
+        '{"id": "cont", "prompt": "x", "duration": 0.2, "audio_prompt": "broken.wav"}',
+        '{"id": "ok2", "prompt": "also fine", "duration": 0.2, "seed": 2}',
+    ]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    s = run_batch(prompts, pipe, tmp_path / "out", batch_size=4, progress=False)
+    got = [(e["id"], e.get("row"), e["status"], e.get("reason")) for e in manifest(tmp_path / "out")]
+    broken = tmp_path / "broken.wav"
+    assert got == [
+        ("ok", None, "ok", None),
+        ("k", 2, "failed", "unknown key 'colour' (expected: id, prompt, duration, seed, melody, audio_prompt, "
+                           "guidance_scale, temperature, top_k, top_p, greedy)"),
+        ("neg", 3, "failed", "duration -1: must be a positive number of seconds"),
+        ("nomel", 4, "failed", "melody missing.wav: file not found"),
+        ("mel", 5, "failed", "melody: this checkpoint is not a melody model (use a musicgen-melody variant)"),
+        ("t0", 6, "failed", "temperature 0: must be > 0 (use greedy for argmax decoding)"),
+        ("tk", 7, "failed", "top_k 2.5: must be an integer"),
+        ("OK", 8, "failed", "id 'OK': already used by row 1"),  # file systems that ignore case
+        ("00009", 9, "failed", "id 'a/b': must be a plain file name (no slashes, no leading dot or space)"),
+        ("00010", 10, "failed", "not valid JSON (Expecting ',' delimiter: line 1 column 32 (char 31))"),
+        ("nop", 11, "failed", "prompt: missing"),
+        # found only when generating: its batch is redone row by row, the others still succeed
+        ("cont", 12, "failed", f"{broken}: cannot read audio (unsupported or corrupt file: Error opening "
+                               f"'{broken}': Format not recognised.)"),
+        ("ok2", None, "ok", None),
+    ]
+    assert (s.ok, s.failed, s.generated) == (2, 11, 2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.wav", "ok2.wav", MANIFEST]
+    # the good rows are what they are alone
+    alone = pipe.generate("fine", 0.2, seed=1).audio[0]
+    assert np.array_equal(sf.read(str(tmp_path / "out" / "ok.wav"), dtype="int16")[0].T,
+                          sf.read(_wav(tmp_path / "alone.wav", alone), dtype="int16")[0].T)
+
+
+def _wav(path: Path, audio) -> str:
+    from mlx_music.runtime import save_audio
+
+    save_audio(path, audio, 32000)
+    return str(path)
+
+
+def test_strict_stops_before_anything_is_written(tmp_path, model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS[:2] + [{"id": "x", "prompt": "y", "duration": -2}, {"z": 1}])
+    out = tmp_path / "out"
+    r = subprocess.run([str(BIN / "mlx-music"), "batch", str(prompts), "--model", str(model), "--out-dir", str(out),
+                        "--strict"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"error: {prompts} row 3 (line 3, id 'x'): duration -2: must be a positive "
+                                     "number of seconds (and 1 more bad rows)"]
+    assert not out.exists()
+    r = subprocess.run([str(BIN / "mlx-music"), "batch", str(tmp_path / "nope.csv"), "--model", str(model),
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'nope.csv'}: file not found\n")
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------- resume
+def test_resume_redoes_only_what_is_missing_or_changed(tmp_path, pipe, model, reference):
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    rows = [dict(r) for r in ROWS]
+    rows[6]["seed"] = 99  # "g" changed: redone
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    (out / "b.wav").unlink()  # deleted: redone
+    data = (out / "c.wav").read_bytes()
+    (out / "c.wav").write_bytes(data[: len(data) // 2])  # truncated (the manifest says ok): redone
+    (out / ".partial-1-4242-h.wav").write_bytes(data[:100])  # a dead run's temporary file
+    (out / "results.part-3.jsonl").write_text('{"id": "h", "status": "ok", "sha256": "0"}\n{"id": "e", "sta')
+    s = run_batch(prompts, pipe, out, batch_size=4, progress=False, model_name=str(model))
+    assert (s.ok, s.failed, s.skipped, s.generated) == (8, 0, 4, 4)  # b, c, g, and h (its part line lied)
+    ref = dict(reference[1])
+    ref["g"] = run_batch(write_jsonl(tmp_path / "g.jsonl", [rows[6]]), pipe, tmp_path / "g", progress=False,
+                         model_name=str(model)) and manifest(tmp_path / "g")[0]["sha256"]
+    assert ref["g"] != reference[1]["g"]
+    check_complete(out, IDS, model, ref)
+    again = run_batch(prompts, pipe, out, batch_size=4, progress=False, model_name=str(model))
+    assert (again.skipped, again.generated) == (8, 0)
+
+
+# ---------------------------------------------------------------------- 2 ranks, mlx.launch
+def _free_port() -> int:
+    """A port p with p and p + 1 free (the ring backend listens on one port per rank)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def _launch(prompts: Path, model: Path, out: Path, batch_size: int) -> subprocess.Popen:
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(_free_port()),
+           "--python", sys.executable, str(BIN / "mlx-music"), "batch", str(prompts), "--model", str(model),
+           "--out-dir", str(out), "--batch-size", str(batch_size), "--quiet"]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The process mlx.launch started for ``rank`` (its child with MLX_RANK=rank)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"MLX_RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+def _finish(p: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+
+
+def test_two_ranks_share_the_rows_and_match_one_process(tmp_path, model, reference):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    p = _launch(prompts, model, tmp_path / "out", batch_size=3)
+    stdout, stderr = _finish(p)
+    assert "8 rows: 8 ok (0 done earlier), 0 failed" in stdout, stdout + stderr
+    done = [line for line in (stdout + stderr).splitlines() if "generated" in line]
+    assert sorted(line.split(" s of audio")[0] for line in done) == [
+        "rank 0/2: generated 4 rows, 0.8", "rank 1/2: generated 4 rows, 0.8"]  # each row exactly once
+    check_complete(tmp_path / "out", IDS, model, reference[1])  # bit for bit what one process wrote
+
+
+def test_a_killed_rank_leaves_its_rows_to_the_resume(tmp_path, pipe, model, reference):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    out = tmp_path / "out"
+    p = _launch(prompts, model, out, batch_size=1)
+    part = out / "results.part-1.jsonl"
+    deadline = time.monotonic() + 90
+    while not (part.is_file() and part.read_text(encoding="utf-8").count("\n") >= 1):
+        assert p.poll() is None and time.monotonic() < deadline, _finish(p)
+        time.sleep(0.02)
+    pid = _rank_pid(p.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # mid-run: rank 1 has finished 1 of its 4 rows
+    _finish(p)  # mlx.launch stops rank 0 too
+    finished = {e["id"] for part in out.glob("results.part-*.jsonl") for e in map(json.loads, part.open())}
+    assert 1 <= len(finished) < 8
+    s = run_batch(prompts, pipe, out, batch_size=4, progress=False, model_name=str(model))  # 1 process now
+    assert s.skipped == len(finished) and s.skipped + s.generated == 8 and s.ok == 8
+    check_complete(out, IDS, model, reference[1])  # no truncated, duplicated or temporary file left
