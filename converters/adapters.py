@@ -60,6 +60,14 @@ _UNSUPPORTED = {
 }
 
 
+# The Linear and Embedding modules of the MLX MusicGen (notes/SPEC.md names, without ".weight"):
+# the only places a LoRA delta can go, whatever the base's sizes.
+_MLX_MODULES = re.compile(
+    r"text_encoder\.(embed_tokens|relative_attention_bias|blocks\.\d+\.attn\.[qkvo]|blocks\.\d+\.ffn\.w[io])"
+    r"|(audio_)?enc_to_dec_proj"
+    r"|decoder\.(embed_tokens\.\d+|lm_heads\.\d+|layers\.\d+\.(fc1|fc2|(self_attn|encoder_attn)\.(q|k|v|out)_proj))")
+
+
 @dataclass
 class LoraModule:
     """One adapted module in the MLX form: delta = scale * b @ a, shaped like the MLX weight."""
@@ -211,7 +219,7 @@ def read_peft_adapter(adapter: str | os.PathLike, revision: str | None = None) -
             raise SourceError(f"{wpath}: module {hf_mod}: mixes Linear and Embedding LoRA tensors")
         kind = kinds.pop()
         mlx_mod = _mlx_module(hf_mod, rules)
-        if mlx_mod is None:
+        if mlx_mod is None or not _MLX_MODULES.fullmatch(mlx_mod):
             raise SourceError(f"{wpath}: module {hf_mod}: not a Linear or Embedding of a MusicGen model "
                               "(target module not in the model)")
         A, B = st.read(roles["A"][1]), st.read(roles["B"][1])
