@@ -36,6 +36,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # converters/, runtime/ without an installed package
+if os.environ.get("MLX_MUSIC_SRC"):  # time another checkout's mlx_music (e.g. the code before a change)
+    sys.path.insert(0, str(Path(os.environ["MLX_MUSIC_SRC"]).resolve()))
 CACHE = ROOT / "benchmarks" / ".cache"
 FRAME_RATE = 50  # decoder steps per second of audio
 
@@ -281,12 +283,175 @@ def _mlx_profile(pipe: Any, codebooks: int, n: int = 30) -> dict[str, float]:
     return out
 
 
-def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """Run one measurement in a child process; its last stdout line is the JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *spec]
+# ----------------------------------------------------------------------------- direct mode
+# `--direct`: no hub folder, no conversion. Each worker builds its model in memory with random
+# weights of the real shapes (seconds, even for large, instead of minutes of writing and
+# converting 13 GB) and runs every batch size with one model load.
+#   transformers: generate() on fixed random text ids (EnCodec decode stubbed, as above);
+#   torch-graph:  torch_cudagraph.GraphDecoder (transformers modules, one CUDA graph per step);
+#   mlx:          runtime.token_loop.TokenLoop (prefill + compiled steps) on random text states.
+# Text encoding is in the transformers timing only (one T5 pass: ~1 % of 250 steps).
+
+def hf_config(size: str, stereo: bool) -> Any:
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+
+    hidden, layers, heads, ffn = SIZES[size]
+    dec = MusicgenDecoderConfig(vocab_size=2048, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=2048,
+                                num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1,
+                                pad_token_id=2048, bos_token_id=2048)
+    return MusicgenConfig(text_encoder=T5Config(**T5_BASE).to_dict(),
+                          audio_encoder=EncodecConfig(**ENCODEC_32K).to_dict(), decoder=dec.to_dict())
+
+
+def _hf_model(size: str, stereo: bool, mode: str) -> Any:
+    import torch
+    import transformers
+    from transformers import MusicgenForConditionalGeneration
+
+    transformers.logging.set_verbosity_error()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = MusicgenForConditionalGeneration(hf_config(size, stereo)).eval()
+    _randomize(model)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+    return model.to(dtype), dev
+
+
+def worker_direct_hf(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
+                     repeats: int) -> list[dict[str, Any]]:
+    import types
+
+    import torch
+
+    model, dev = _hf_model(size, stereo, mode)
+    model.audio_encoder.decode = lambda codes, *a, **k: types.SimpleNamespace(
+        audio_values=torch.zeros(codes.shape[1], 1, 1))
+    out = []
+    for b in batches:
+        ids = torch.randint(3, 32000, (b, 12), generator=torch.Generator().manual_seed(0)).to(dev)
+
+        def run() -> float:
+            torch.cuda.synchronize() if dev == "cuda" else None
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                               guidance_scale=3.0, top_k=250, temperature=1.0, max_new_tokens=steps,
+                               min_new_tokens=steps)
+            torch.cuda.synchronize() if dev == "cuda" else None
+            return time.perf_counter() - t0
+
+        run()
+        times = [run() for _ in range(repeats)]
+        out.append({"engine": "transformers", "mode": mode, "batch": b, "times": times, "steps": steps,
+                    "device": dev})
+    return out
+
+
+def worker_direct_graph(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
+                        repeats: int) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from torch_cudagraph import GraphDecoder
+
+    model, dev = _hf_model(size, stereo, mode)
+    out = []
+    for b in batches:
+        sps = GraphDecoder(model, b, steps + 1, 12).time(steps, repeats)
+        out.append({"engine": "torch-cudagraph", "mode": mode, "batch": b, "times": [steps / sps],
+                    "steps": steps, "device": dev})
+    return out
+
+
+def mlx_model(size: str, stereo: bool, mode: str) -> Any:
+    """Random-weight MusicGen (MLX) of the real shapes; q8 = nn.quantize of the bf16 decoder's
+    linears and embeddings (group 64), as the converter does."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_music.converters.mlx_config import build_mlx_config
+    from mlx_music.models.musicgen import MusicGen
+
+    cfg = build_mlx_config(hf_config(size, stereo).to_dict(), "bench")
+    model = MusicGen(cfg)
+    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16, "q8": mx.bfloat16}[mode]
+    mx.random.seed(0)
+    flat = [(k, (mx.random.normal(v.shape) * (v.shape[-1] ** -0.5 if v.ndim == 2 and "embed" not in k else 1.0)
+                 if v.ndim == 2 else v).astype(dtype)) for k, v in tree_flatten(model.decoder.parameters())]
+    model.decoder.update(tree_unflatten(flat))
+    if mode == "q8":
+        nn.quantize(model.decoder, group_size=64, bits=8)
+    model.fuse()
+    mx.eval(model.decoder.parameters())
+    return model
+
+
+def count_primitives(fn: Any, *args: Any) -> tuple[int, dict[str, int]]:
+    """Primitives in the graph of one call of the (compiled) function: its nodes in
+    `mx.export_to_dot`, i.e. what the backend evaluates per step."""
+    import collections
+    import io
+    import re
+
+    import mlx.core as mx
+
+    outs = fn(*args)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *outs)
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue())
+    return len(labels), dict(collections.Counter(labels).most_common())
+
+
+def worker_direct_mlx(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
+                      repeats: int) -> list[dict[str, Any]]:
+    import mlx.core as mx
+
+    from mlx_music.runtime.delay_pattern import build_pattern
+    from mlx_music.runtime.sampling import RowSampling, SamplingConfig, row_keys
+    from mlx_music.runtime.token_loop import Conditioning, TokenLoop
+
+    model = mlx_model(size, stereo, mode)
+    K, ch = (8, 2) if stereo else (4, 1)
+    h = model.decoder_args.hidden_size
+    out = []
+    for b in batches:
+        dt = model.decoder.layer_norm.weight.dtype
+        st = mx.random.normal((b, 12, h)).astype(dt)
+        cond = Conditioning(mx.concatenate([st, mx.zeros_like(st)]),
+                            mx.concatenate([mx.ones((b, 12), mx.int32), mx.zeros((b, 12), mx.int32)]))
+        pattern = build_pattern(steps - (K // ch - 1), K, ch, 2048, batch=b)
+        rs = RowSampling.stack([SamplingConfig(guidance_scale=3.0, top_k=250)] * b, 2048)
+        loop = TokenLoop(model, 2 * b, pattern.shape[-1], rs.static)
+
+        def run(seed: int) -> float:
+            t0 = time.perf_counter()
+            toks = [t for _, t, _ in loop.run(cond, pattern, rs, row_keys(range(seed, seed + b)))]
+            mx.eval(toks)
+            return time.perf_counter() - t0
+
+        run(0)
+        times = [run(1 + i) for i in range(repeats)]
+        advance, _ = loop._functions(rs)
+        loop.cache.offset = mx.array(0, dtype=mx.int32)
+        n, kinds = count_primitives(advance, mx.zeros((2 * b, K, 2048)), mx.full((b, K), -1, dtype=mx.int32),
+                                    row_keys(range(b)), *rs.arrays())
+        out.append({"engine": "mlx", "mode": mode + (" (bf16)" if mode == "q8" else ""), "batch": b,
+                    "times": times, "steps": pattern.shape[-1] - 1, "device": str(mx.default_device()),
+                    "primitives": n, "primitive_kinds": kinds, "peak_dev_gb": mx.get_peak_memory() / 2**30})
+    return out
+
+
+def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None = None,
+               root: Path = ROOT) -> dict[str, Any] | None:
+    """Run one measurement in a child process; its last stdout line is the JSON result.
+
+    ``root``: the source tree whose bench_generate.py (and code) runs the measurement; another
+    checkout (``--baseline-src``) times an older revision on the same converted checkpoint."""
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--worker", *spec]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})})
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
+                           env={**os.environ, "PYTHONPATH": str(root), **(extra_env or {})})
     except subprocess.TimeoutExpired:
         print(f"[bench] {' '.join(spec[:2])}: timed out after {timeout:.0f} s", flush=True)
         return None
@@ -327,14 +492,32 @@ def main() -> None:
     ap.add_argument("--mlx-env", action="append", default=None, metavar="K=V[,K=V]",
                     help="run every MLX mode once per given environment (e.g. MLX_MAX_OPS_PER_BUFFER=200); "
                          "repeatable; '' = as inherited")
+    ap.add_argument("--baseline-src", default=None, metavar="DIR",
+                    help="another checkout (e.g. `git worktree add /tmp/base REV`): its MLX worker is timed "
+                         "on the same checkpoints, alternating with ours; the table gains a vs-baseline column")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     ap.add_argument("--json", default=None, help="write all results to this file")
+    ap.add_argument("--batch", default="1", help="batch sizes (prompts; CFG doubles the rows), e.g. 1,4,16; "
+                    "--direct runs them all, the hub path the first")
+    ap.add_argument("--direct", action="store_true",
+                    help="build random-weight models in memory (no hub folder, no conversion) and time "
+                         "every --batch with one model load; adds the torch CUDA-graph reference "
+                         "(--graph-modes) and the primitive count of MLX's compiled step")
+    ap.add_argument("--graph-modes", default=None, help="--direct: torch CUDA-graph dtypes (default fp16 on "
+                    "GPU, none on CPU)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.worker:  # child process: one measurement, JSON on the last stdout line
         _reset_peak_rss()
+        if a.worker[0].startswith("direct-"):
+            engine, size, stereo, mode, steps, batches, repeats = a.worker
+            fn = {"direct-hf": worker_direct_hf, "direct-graph": worker_direct_graph,
+                  "direct-mlx": worker_direct_mlx}[engine]
+            print(json.dumps(fn(size, stereo == "1", mode, int(steps), [int(x) for x in batches.split(",")],
+                                int(repeats))))
+            return
         engine, mode, folder, steps, repeats, seed, channels, codebooks = a.worker
         if engine == "hf":
             res = worker_hf(Path(folder), mode, int(steps), int(repeats), int(seed))
@@ -344,6 +527,8 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    if a.direct:
+        return main_direct(a)
     import torch  # only the parent builds models; the workers import what their engine needs
 
     gpu = torch.cuda.is_available()
@@ -365,14 +550,21 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     envs = a.mlx_env if a.mlx_env else [""]
-    jobs = [("hf", m, src, "") for m in hf_modes] + [("mlx", m, folders[m], e) for m in modes for e in envs]
-    for engine, mode, folder, env in jobs:
+    jobs = [("hf", m, src, "", ROOT) for m in hf_modes]
+    for m in modes:
+        for e in envs:
+            jobs.append(("mlx", m, folders[m], e, ROOT))
+            if a.baseline_src:
+                jobs.append(("mlx", m, folders[m], e, Path(a.baseline_src).resolve()))
+    for engine, mode, folder, env, root in jobs:
         spec = [engine, mode, str(folder), str(a.steps), str(a.repeats), str(a.seed), str(channels),
                 str(codebooks)]
         extra = dict(kv.split("=", 1) for kv in env.split(",") if kv)
-        r = run_worker(spec, a.timeout, extra)
+        r = run_worker(spec, a.timeout, extra, root)
         if r is None:
             continue
+        if root != ROOT:
+            r["engine"] = "mlx (baseline)"
         r["best_s"] = min(r["times"])
         r["steps_per_s"] = a.steps / r["best_s"]
         r["env"] = env
@@ -388,6 +580,12 @@ def main() -> None:
     base = next((r["steps_per_s"] for r in results if r["engine"] == "transformers" and r["mode"] == "fp32"), None)
     for r in results:
         r["vs_hf_fp32"] = r["steps_per_s"] / base if base else None
+    if a.baseline_src:
+        for r in results:
+            ref = next((b for b in results if b["engine"] == "mlx (baseline)" and b["mode"] == r["mode"]), None)
+            if r["engine"] == "mlx" and ref:
+                print(f"[bench] mlx {r['mode']} vs baseline {a.baseline_src}: "
+                      f"{r['steps_per_s'] / ref['steps_per_s']:.2f}x", flush=True)
     title = (f"{'stereo-' if a.stereo else ''}{a.size} (decoder {'/'.join(map(str, SIZES[a.size]))}), "
              f"{a.steps} steps, CFG 3.0, top-k 250, sampling; batch 1 (2 rows with CFG)")
     print("\n" + title)
@@ -397,6 +595,58 @@ def main() -> None:
                 "q_dtype": q_dtype, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host_cpus": os.cpu_count(),
                 "timed": "text encoding + prefill + token loop; EnCodec decode excluded"}
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def main_direct(a: argparse.Namespace) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    del torch
+    hf_modes = [m for m in (a.hf_modes if a.hf_modes is not None else ("fp32,fp16" if gpu else "fp32")).split(",") if m]
+    graph_modes = [m for m in (a.graph_modes if a.graph_modes is not None else ("fp16" if gpu else "")).split(",") if m]
+    modes = [m for m in (a.modes if a.modes is not None else ("fp32,bf16,q8" if gpu else "fp32")).split(",") if m]
+    batches = [int(x) for x in a.batch.split(",")]
+    results: list[dict[str, Any]] = []
+    jobs = ([("direct-hf", m) for m in hf_modes] + [("direct-graph", m) for m in graph_modes]
+            + [("direct-mlx", m) for m in modes])
+    envs = a.mlx_env if a.mlx_env else [""]
+    for engine, mode in jobs:
+        for env in (envs if engine == "direct-mlx" else [""]):
+            spec = [engine, a.size, "1" if a.stereo else "0", mode, str(a.steps), a.batch, str(a.repeats)]
+            extra = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+            rs = run_worker(spec, a.timeout, extra)
+            for r in rs or []:
+                r["best_s"] = min(r["times"])
+                r["steps_per_s"] = r["steps"] / r["best_s"]
+                r["audio_s_per_s"] = r["batch"] * r["steps_per_s"] / FRAME_RATE
+                r["env"] = env
+                if env:
+                    r["mode"] += f" [{env}]"
+                results.append(r)
+                prims = f", {r['primitives']} primitives/step" if "primitives" in r else ""
+                print(f"[bench] {a.size}{' stereo' if a.stereo else ''} {r['engine']} {r['mode']} batch {r['batch']}: "
+                      f"{r['steps_per_s']:.1f} steps/s, {r['audio_s_per_s']:.1f} audio s/s{prims}", flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps({"meta": {"size": a.size, "stereo": a.stereo, "steps": a.steps,
+                                                             "batches": batches, "repeats": a.repeats},
+                                                    "results": results}, indent=2))
+    print(direct_table(results, batches, f"{'stereo-' if a.stereo else ''}{a.size}"))
+
+
+def direct_table(results: list[dict[str, Any]], batches: list[int], name: str) -> str:
+    """One row per engine/mode: steps/s per batch, audio s/s at the largest batch, primitives/step."""
+    rows = [f"| model | engine | mode | " + " | ".join(f"batch {b} steps/s" for b in batches)
+            + f" | batch {batches[-1]} audio s/s | primitives/step (batch 1) |",
+            "| --- | --- | --- | " + " | ".join("---:" for _ in batches) + " | ---: | ---: |"]
+    keys = list(dict.fromkeys((r["engine"], r["mode"]) for r in results))
+    for eng, mode in keys:
+        rs = {r["batch"]: r for r in results if (r["engine"], r["mode"]) == (eng, mode)}
+        cells = [f"{rs[b]['steps_per_s']:.1f}" if b in rs else "-" for b in batches]
+        last = rs.get(batches[-1])
+        prim = rs[batches[0]].get("primitives", "-") if batches[0] in rs else "-"
+        rows.append(f"| {name} | {eng} | {mode} | " + " | ".join(cells)
+                    + f" | {last['audio_s_per_s']:.1f} | {prim} |" if last else " | - | - |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,14 @@ class CliRun:
         return f"argv={list(self.argv)}\nrc={self.returncode}\nstdout={self.stdout!r}\nstderr={self.stderr!r}"
 
 
+# Taken once, in the main thread: background jobs build their environments while pytest sets and
+# deletes PYTEST_CURRENT_TEST, and iterating os.environ during that raises KeyError.
+_BASE_ENV = dict(os.environ)
+
+
 def cli_env(**overrides: str | None) -> dict[str, str]:
     """The user's environment minus switches that would change what the CLI prints."""
-    env = dict(os.environ)
+    env = dict(_BASE_ENV)
     env.pop("MLX_MUSIC_DEBUG", None)  # debug mode re-raises with a traceback on purpose
     env["PYTHONWARNINGS"] = "default"
     for k, v in overrides.items():
