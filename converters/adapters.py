@@ -124,7 +124,7 @@ def _resolve(adapter: str | os.PathLike, revision: str | None) -> tuple[Path, st
         src = resolve_source(raw, [PEFT_CONFIG], {"safetensors": [PEFT_WEIGHTS]}, revision)
     except ModelNotFoundError as e:
         msg = str(e).replace("--hf-path ", "")
-        raise SourceError(f"--adapter {raw}: {msg}") from None
+        raise SourceError(f"--adapter {msg}" if msg.startswith(raw) else f"--adapter {raw}: {msg}") from None
     return src.folder, src.repo_id, src.revision
 
 
@@ -142,7 +142,7 @@ def _read_config(folder: Path) -> dict:
     if peft_type != "LORA":
         raise SourceError(f"{path}: peft_type {peft_type!r} is not supported; only LORA adapters are")
     for key, why in _UNSUPPORTED.items():
-        if cfg.get(key):
+        if cfg.get(key) and key != "use_dora":  # DoRA: refused with the module named (read_peft_adapter)
             raise SourceError(f"{path}: {key}={json.dumps(cfg[key])}: {why}")
     if cfg.get("bias", "none") != "none":
         raise SourceError(f"{path}: bias={cfg['bias']!r}: trained biases are not supported (expected 'none')")
@@ -195,7 +195,8 @@ def read_peft_adapter(adapter: str | os.PathLike, revision: str | None = None) -
             raise SourceError(f"{wpath}: tensor {key}: expected names starting with {_PREFIX!r} (PEFT layout)")
         if key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
             mod = key[len(_PREFIX):].split(".lora_magnitude_vector")[0]
-            raise SourceError(f"{wpath}: module {mod}: DoRA magnitude vector found; DoRA adapters are not supported")
+            flag = " (use_dora=true)" if cfg.get("use_dora") else ""
+            raise SourceError(f"{wpath}: module {mod}: DoRA magnitude vector{flag}; {_UNSUPPORTED['use_dora']}")
         for suffix, (kind, role) in _SUFFIXES.items():
             if key.endswith(suffix):
                 mod = key[len(_PREFIX):-len(suffix)]
@@ -206,6 +207,8 @@ def read_peft_adapter(adapter: str | os.PathLike, revision: str | None = None) -
         else:
             raise SourceError(f"{wpath}: tensor {key}: not a LoRA A/B tensor (only plain LoRA adapters "
                               "are supported)")
+    if cfg.get("use_dora"):
+        raise SourceError(f"{folder / PEFT_CONFIG}: use_dora=true: {_UNSUPPORTED['use_dora']}")
     if not parts:
         raise SourceError(f"{wpath}: holds no LoRA tensors")
     rules = custom_manifest().rules

@@ -111,7 +111,9 @@ def _folder(path_or_repo: str | os.PathLike, revision: str | None) -> Path:
         return _HubRepo(raw, revision, None, None).download([CONFIG, WEIGHTS, RECORD])
     except ModelNotFoundError as e:
         msg = str(e)
-        raise AdapterError(msg if msg.startswith("adapter") else f"adapter {raw}: {msg}") from None
+        if not msg.startswith("adapter"):
+            msg = f"adapter {msg}" if msg.startswith(raw) else f"adapter {raw}: {msg}"
+        raise AdapterError(msg) from None
 
 
 def load_adapter(path_or_repo: str | os.PathLike, revision: str | None = None) -> Adapter:

@@ -231,8 +231,16 @@ def test_adapter_from_offline_hub_cache(ws, tmp_path, monkeypatch):
     a = json.loads((out / "adapter_config.json").read_text())
     assert a["modules"] == json.loads((ws["mlx_a"] / "adapter_config.json").read_text())["modules"]
     assert json.loads((out / "conversion.json").read_text())["source"]["source"] == "someone/musicgen-lora"
-    with pytest.raises(SourceError, match=r"--adapter someone/other-lora: .*HF_HUB_OFFLINE"):
+    with pytest.raises(SourceError, match=r"^--adapter someone/other-lora@main: .*HF_HUB_OFFLINE"):
         read_peft_adapter("someone/other-lora")
+    # A converted MLX adapter from the hub cache, applied at load time.
+    mlx_files = {n: (ws["mlx_a"] / n).read_bytes()
+                 for n in ("adapter_config.json", "adapters.safetensors", "conversion.json")}
+    write_cache_repo(cache, "someone/musicgen-lora-mlx", {COMMIT_A: mlx_files}, {"main": COMMIT_A})
+    pipe = load(ws["base"], adapter="someone/musicgen-lora-mlx")
+    assert pipe.adapter.modules == json.loads(mlx_files["adapter_config.json"])["modules"]
+    with pytest.raises(AdapterError, match=r"^adapter someone/nothing-here@main: .*HF_HUB_OFFLINE"):
+        load(ws["base"], adapter="someone/nothing-here")
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -312,7 +320,9 @@ def _bad_cases():
                                  ["adapter_config.json", "JSON object"]),
         "truncated safetensors": (truncated_weights, ["adapter_model.safetensors", "not a valid safetensors"]),
         "unsupported peft_type (IA3)": (ia3, ["peft_type 'IA3'", "only LORA"]),
-        "DoRA adapter": (dora, ["use_dora", "DoRA"]),
+        "DoRA adapter": (dora, ["module decoder.model.decoder.layers.0.encoder_attn.q_proj", "use_dora=true", "DoRA"]),
+        "DoRA flag, plain tensors": (lambda ws, t: _rewrite_config(_copy(ws, t), use_dora=True),
+                                     ["adapter_config.json", "use_dora=true", "DoRA"]),
         "DoRA tensors, flag removed": (lambda ws, t: _rewrite_config(dora(ws, t), use_dora=False),
                                        ["q_proj", "DoRA"]),
         "trained biases": (lambda ws, t: _rewrite_config(_copy(ws, t), bias="all"), ["bias='all'"]),
@@ -457,5 +467,5 @@ def test_cli_subprocess_dora_refused(bad_ws, tmp_path):
     dora = make_peft(bad_ws["models"]("mono"), tmp_path / "dora", ["q_proj"], 6, use_dora=True)
     out = tmp_path / "merged"
     run = run_cli(["convert", "--hf-path", bad_ws["hf"], "--adapter", dora, "--mlx-path", out, "--quiet"])
-    assert_cli_error(run, "convert", ["adapter_config.json", "use_dora=true", "DoRA"])
+    assert_cli_error(run, "convert", ["adapter_model.safetensors", "q_proj", "use_dora=true", "DoRA"])
     _no_output(out)
