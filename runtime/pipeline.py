@@ -253,16 +253,25 @@ class MusicGenPipeline:
         return self.stream_batch(reqs, chunk_seconds=chunk_seconds, extend_stride=extend_stride, progress=progress)
 
     def stream_batch(self, requests: Sequence[Request], *, chunk_seconds: float = 1.0,
-                     extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
+                     extend_stride: float | None = None, progress: bool = False,
+                     decode_alone: bool = False) -> Iterator[AudioChunk]:
+        """`stream` of independent rows. Codes never depend on the batch; the codec decodes rows of
+        one length together, which can round differently (by an ulp) from decoding a row alone.
+        ``decode_alone=True`` decodes every row by itself: each row's samples are then
+        bit-identical to the same request run alone (what the server does)."""
         if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \
                 or not math.isfinite(chunk_seconds) or chunk_seconds <= 0:
             raise ValueError(f"chunk_seconds {chunk_seconds!r}: must be a positive number of seconds")
         frames = self.frames(requests, extend_stride)
-        return self._chunks(frames, max(1, round(chunk_seconds * self.frame_rate)), progress)
+        return self._chunks(frames, max(1, round(chunk_seconds * self.frame_rate)), progress, decode_alone)
 
-    def _chunks(self, frames: FrameGenerator, chunk_frames: int, progress: bool) -> Iterator[AudioChunk]:
+    def _chunks(self, frames: FrameGenerator, chunk_frames: int, progress: bool,
+                decode_alone: bool = False) -> Iterator[AudioChunk]:
         hop = self.codec.hop
-        groups = [_Group(n, idx, self.codec.stream_decoder(), hop) for n, idx in _length_groups(frames.rows).items()]
+        by_length = _length_groups(frames.rows).items()
+        if decode_alone:
+            by_length = [(r.frames, [i]) for i, r in enumerate(frames.rows)]
+        groups = [_Group(n, idx, self.codec.stream_decoder(), hop) for n, idx in by_length]
         stats = GenerationStats()
         seeds = [r.seed for r in frames.rows]
         t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 One worker thread owns every model (MLX work never runs on the event loop, and never on two
 threads at once). It takes the oldest waiting job, waits up to ``batch_wait`` seconds after that
 job arrived for more jobs of the same model (up to ``max_batch``), and runs them as the rows of
-one `stream_batch` call. Each row keeps its own prompt, seed and settings, and the runtime makes a
-row's samples bit-identical whether it runs alone or in a batch.
+one `stream_batch` call. Each row keeps its own prompt, seed and settings, and its samples are
+bit-identical to the same request run alone: codes never depend on the batch, rows are decoded
+one by one (``decode_alone``: EnCodec on several rows rounds differently), and rows with an audio
+prompt only share a batch with rows whose prompt has the same length (`Job.key`).
 
 This is dynamic batching, not continuous batching: a job that arrives while a batch runs waits
 for the next batch. A cancelled job (client gone, or Cancel) stops receiving audio at once; when
@@ -64,6 +66,14 @@ class Job:
     def bind(self, loop: asyncio.AbstractEventLoop) -> "Job":
         self._loop, self._changed = loop, asyncio.Event()
         return self
+
+    @property
+    def key(self) -> tuple:
+        """Jobs batch together only when their key matches: the same model and the same audio
+        prompt length (a row's prompt is prefilled or stepped through depending on the batch's
+        shortest prompt, which rounds differently; equal lengths keep every row bit-identical)."""
+        ap = self.request.audio_prompt
+        return (self.model, None if ap is None else (int(np.shape(ap[0])[-1]), int(ap[1])))
 
     @property
     def finished(self) -> bool:
@@ -142,8 +152,9 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.batches: list[int] = []  # size of every batch run (tests, benchmarks)
+        self.history: list[dict[str, Any]] = []  # every batch run: rows, complete, seconds (tests, benchmarks)
         self._recent: deque[float] = deque(maxlen=16)  # seconds per batch, for Retry-After
+        self.running: list[Job] = []  # the batch being decoded
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -166,6 +177,15 @@ class Batcher:
     @property
     def waiting(self) -> int:
         return len(self._pending)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until nothing waits or runs (tests, benchmarks); False on timeout."""
+        end = time.monotonic() + timeout
+        while self._pending or self.running:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise `QueueFull`."""
@@ -190,9 +210,10 @@ class Batcher:
                     self._cv.wait()
                     continue
                 first = self._pending[0]
-                same = [j for j in self._pending if j.model == first.model and not j.finished][: self.max_batch]
+                same = [j for j in self._pending if j.key == first.key and not j.finished][: self.max_batch]
                 left = first.arrived + self.batch_wait - time.monotonic()
                 if len(same) >= self.max_batch or left <= 0:
+                    self.running = same  # before leaving the queue: wait_idle never sees a gap
                     for j in same:
                         self._pending.remove(j)
                     return same
@@ -204,7 +225,6 @@ class Batcher:
             if not jobs:
                 return
             t0 = time.monotonic()
-            self.batches.append(len(jobs))
             try:
                 self._run_batch(jobs)
             except Exception as err:  # never let the worker die; the rows report the failure
@@ -212,6 +232,11 @@ class Batcher:
                 for j in jobs:
                     j._fail(f"generation failed: {type(err).__name__}: {err}", input_error=False)
             self._recent.append(time.monotonic() - t0)
+            self.history.append({"rows": len(jobs), "seconds": time.monotonic() - t0,
+                                 "complete": all(j.state == "done" for j in jobs),
+                                 "states": [j.state for j in jobs], "samples": [j.samples for j in jobs],
+                                 "total_samples": [j.total_samples for j in jobs]})
+            self.running = []
 
     def _run_batch(self, jobs: list[Job]) -> None:
         pipe = self.pipes[jobs[0].model]
@@ -220,7 +245,7 @@ class Batcher:
                 j.state = "running"
                 j._notify()
         try:
-            chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds)
+            chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds, decode_alone=True)
         except ValueError as err:  # a row the runtime refused: run the others without it
             if len(jobs) > 1:
                 for j in jobs:
