@@ -117,6 +117,13 @@ def test_runtime_adapter_matches_peft_merge(ws):
     assert any("applied at run time" in n for n in rep.notes)
 
 
+def test_parity_refuses_a_merge_of_another_adapter(ws):
+    from mlx_music.eval.parity import ParityError
+
+    with pytest.raises(ParityError, match=r"--adapter .*peft-b: --mlx-path .*merged-a was merged with another adapter"):
+        run_parity(ws["hf"], ws["merged_a"], steps=STEPS, adapter=ws["peft_b"])
+
+
 def test_parity_cli_adapter(ws):
     r = CliRunner().invoke(main, ["parity", "--hf-path", str(ws["hf"]), "--mlx-path", str(ws["merged_a"]),
                                   "--adapter", str(ws["peft_a"]), "--steps", str(STEPS), "--json"])

@@ -818,6 +818,10 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
     except (OSError, ValueError):
         record = {}
     if isinstance(record, dict) and record.get("adapter"):
+        merged_with = record["adapter"]
+        if isinstance(merged_with, dict) and merged_with.get("files") != peft_adapter.files:
+            raise ParityError(f"--adapter {adapter}: --mlx-path {folder} was merged with another adapter "
+                              f"({merged_with.get('source')}, per its conversion.json)")
         return merged.eval(), f"adapter: {adapter} merged at conversion (conversion.json) vs peft merge_and_unload"
     with tempfile.TemporaryDirectory() as tmp:
         pipe.set_adapter(convert_adapter(adapter, Path(tmp) / "adapter"))
