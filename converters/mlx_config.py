@@ -10,15 +10,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mlx_music.runtime.generation import MAX_DURATION
 from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
 
 from .errors import ManifestError
 
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 
-# Length of the window MusicGen was trained on and generates in one pass (longer audio slides it).
-# A property of every MusicGen checkpoint, not of sampling: written to config.json from here only.
-MAX_DURATION = 30.0
 
 
 def generation_config() -> dict[str, Any]:

@@ -33,9 +33,12 @@ from mlx_music.runtime.conditioning import AudioInput, Conditioner
 from mlx_music.runtime.delay_pattern import build_pattern, codebook_delays
 from mlx_music.runtime.sampling import RowSampling, SamplingConfig, row_keys
 
+# The window MusicGen was trained on and generates in one pass (longer audio slides it); written
+# to config.json["generation"]["max_duration"] by the converter, from here.
+MAX_DURATION = 30.0
 # audiocraft advances a 30 s window by 18 s: later windows keep 12 s of context. A model with
 # another window keeps that ratio.
-STRIDE_RATIO = 18.0 / 30.0
+STRIDE_RATIO = 18.0 / MAX_DURATION
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from mlx_music.models.musicgen import MusicGen
 from mlx_music.runtime.audio_io import load_audio_input
 from mlx_music.runtime.codec import Codec
 from mlx_music.runtime.conditioning import AudioInput, Conditioner, melody_waveform
-from mlx_music.runtime.generation import FrameGenerator, Request, Row, resolve_stride
+from mlx_music.runtime.generation import MAX_DURATION, FrameGenerator, Request, Row, resolve_stride
 from mlx_music.runtime.sampling import RowSampling, SamplingConfig
 from mlx_music.runtime.text import TextTokenizer
 from mlx_music.runtime.token_loop import Conditioning, TokenLoop, prefix_length
@@ -104,7 +104,7 @@ class MusicGenPipeline:
     @property
     def max_frames(self) -> int:
         """Frames one window holds: the trained duration, never past the position table."""
-        by_duration = round(float(self.defaults.get("max_duration", 30.0)) * self.frame_rate)
+        by_duration = round(float(self.defaults.get("max_duration", MAX_DURATION)) * self.frame_rate)
         prefix = prefix_length(self.model, 64)  # melody: chroma + a typical text length
         by_positions = self.config["decoder"]["max_position_embeddings"] - 1 - self._max_delay - prefix
         return max(1, min(by_duration, by_positions))
@@ -120,16 +120,15 @@ class MusicGenPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts: give at least one prompt (a string, or a list of strings)")
-        per_row = {k: settings.pop(k) for k in ("melody",) if isinstance(settings.get(k), list)}
-        if per_row.get("melody") is not None and len(per_row["melody"]) not in (1, len(prompts)):
-            raise ValueError(f"melody: got {len(per_row['melody'])} melodies for {len(prompts)} prompts")
+        melody = settings.pop("melody", None)  # one for all prompts, or a list: one per prompt
+        melodies = melody if isinstance(melody, list) and len(melody) != 1 else \
+            (melody if isinstance(melody, list) else [melody]) * len(prompts)
+        if len(melodies) != len(prompts):
+            raise ValueError(f"melody: got {len(melodies)} melodies for {len(prompts)} prompts")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ValueError(f"seed {seed!r}: must be an integer")
-        rows = []
-        for i, p in enumerate(prompts):
-            extra = {k: v[i] if len(v) > 1 else v[0] for k, v in per_row.items()}
-            rows.append(Request(p, duration, None if seed is None else int(seed) + i, **settings, **extra))
-        return rows
+        return [Request(p, duration, None if seed is None else int(seed) + i, melody=m, **settings)
+                for i, (p, m) in enumerate(zip(prompts, melodies))]
 
     def resolve(self, req: Request) -> Row:
         """A `Request` checked and prepared: ValueError names the API parameter at fault."""
