@@ -283,9 +283,10 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def convert_adapter(adapter: str | os.PathLike, mlx_path: str | os.PathLike, *, force: bool = False,
+def convert_adapter(adapter: str | os.PathLike | PeftAdapter, mlx_path: str | os.PathLike, *, force: bool = False,
                     revision: str | None = None, base: str | os.PathLike | None = None) -> Path:
-    """A PEFT LoRA adapter → an MLX adapter folder (runtime.adapters format), written atomically.
+    """A PEFT LoRA adapter (folder, hub repo id, or one already read) → an MLX adapter folder
+    (runtime.adapters format), written atomically.
 
     ``base``: an MLX checkpoint folder to check the adapter against now (otherwise it is checked
     when it is applied)."""
@@ -298,7 +299,7 @@ def convert_adapter(adapter: str | os.PathLike, mlx_path: str | os.PathLike, *, 
         _stale_partials(out)
     if out.exists() and not force:
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
-    pa = read_peft_adapter(adapter, revision)
+    pa = adapter if isinstance(adapter, PeftAdapter) else read_peft_adapter(adapter, revision)
     config = {
         "format": rt.ADAPTER_FORMAT, "format_version": rt.FORMAT_VERSION, "peft_type": "LORA",
         "base_model": pa.config.get("base_model_name_or_path"),

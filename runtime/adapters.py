@@ -34,12 +34,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_music.models.musicgen import MusicGen, checkpoint_shapes
+from mlx_music.runtime.checkpoint import RECORD
 
 ADAPTER_FORMAT = "mlx-music-adapter"
 FORMAT_VERSION = 1
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
-RECORD = "conversion.json"
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterError", "AdapterSlot", "adapter_from_config", "check_adapter",
            "load_adapter"]

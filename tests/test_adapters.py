@@ -37,18 +37,11 @@ from mlx_music.converters.errors import SourceError  # noqa: E402
 from mlx_music.eval.parity import run_parity  # noqa: E402
 from mlx_music.runtime import load  # noqa: E402
 from mlx_music.runtime.adapters import AdapterError, load_adapter  # noqa: E402
+from test_parity import _torch_single_thread  # noqa: E402,F401  (autouse: torch on one thread)
 
 STEPS = 8
 PROMPTS = ["80s pop with synths", "calm piano"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def dreambooth_targets(num_codebooks: int) -> list[str]:

@@ -824,7 +824,7 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
                               f"({merged_with.get('source')}, per its conversion.json)")
         return merged.eval(), f"adapter: {adapter} merged at conversion (conversion.json) vs peft merge_and_unload"
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.set_adapter(convert_adapter(adapter, Path(tmp) / "adapter"))
+        pipe.set_adapter(convert_adapter(peft_adapter, Path(tmp) / "adapter"))
     return merged.eval(), f"adapter: {adapter} applied at run time (set_adapter) vs peft merge_and_unload"
 
 
