@@ -222,9 +222,16 @@ def convert_checkpoint(
     workers: int = 4,
     progress: bool = True,
     adapter: str | Path | None = None,
+    format: str | None = None,
+    text_encoder: str | None = None,
+    codec: str | None = None,
     _after_tensor: Callable[[int], None] | None = None,
 ) -> ConversionResult:
     """Convert one checkpoint. Raises ConvertError (one-line message) for any bad input.
+
+    format: "transformers" or "audiocraft" (state_dict.bin + compression_state_dict.bin); by default
+    detected, transformers preferred when a folder holds both. text_encoder / codec: the T5 and the
+    EnCodec of an audiocraft checkpoint when not the ones it names (converters/audiocraft.py).
 
     adapter: a PEFT LoRA adapter (folder or hub repo id) merged into the weights as they are
     written (converters/adapters.py)."""
@@ -242,15 +249,34 @@ def convert_checkpoint(
     if out.exists() and not force:
         raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
 
+    from . import audiocraft as ac
+
     base_manifest = load_manifest(variant) if variant else custom_manifest()
-    source: Source = _resolve_source(str(hf_path), base_manifest.files, revision)
-    cfg, facts = load_source_config(source.folder)
-    manifest = pick_manifest(facts, variant, str(source.folder / "config.json"))
+    files = base_manifest.files
+    if format != "transformers":  # the audiocraft layout's files are fetched when that is all there is
+        other, weights = ac.source_files(files, format)
+        files = {**files, "config": other, "tokenizer": [], "extra": [], "weights": weights,
+                 "weights_preference": list(weights)}
+    source: Source = _resolve_source(str(hf_path), files, revision)
+    fmt = ac.detect_format(source.folder, format)
+    source_extra: dict = {}
+    if fmt == "audiocraft":
+        prep = ac.prepare(source.folder, variant=variant, text_encoder=text_encoder, codec=codec, workers=workers)
+        cfg, manifest, reader, config_label = prep.cfg, prep.manifest, prep.reader, prep.label
+        source_extra = prep.record
+    else:
+        for opt, val in (("--text-encoder", text_encoder), ("--codec", codec)):
+            if val is not None:
+                raise ConvertError(f"{opt}: only for audiocraft-format checkpoints; {source.folder} is in "
+                                   "transformers layout (use --format audiocraft if it holds both)")
+        cfg, facts = load_source_config(source.folder)
+        config_label = str(source.folder / "config.json")
+        manifest = pick_manifest(facts, variant, config_label)
+        reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
     cfg["variant"] = manifest.name
     cfg["dtype"] = dtype
 
-    reader = CheckpointReader(source.folder, prefer=tuple(manifest.files["weights_preference"]), workers=workers)
-    plan = plan_for(reader.tensors, manifest, cfg, str(source.folder / "config.json"))
+    plan = plan_for(reader.tensors, manifest, cfg, config_label)
     merger = None
     if adapter is not None:
         from .adapters import AdapterMerger, read_peft_adapter
@@ -265,7 +291,7 @@ def convert_checkpoint(
                                "recipe": quantize.recipe, "mode": "affine",
                                "modules": {k: b for k, b in qbits.items()}, "skipped": skipped}
     group_size = quantize.group_size if quantize else 64
-    tokenizer_src = _tokenizer_source(source.folder)
+    tokenizer_src = _tokenizer_source(prep.tokenizer_folder if fmt == "audiocraft" else source.folder)
 
     # Order by source file so each shard is opened, drained and closed in turn (bounded memory).
     def src_order(item):
@@ -367,7 +393,7 @@ def convert_checkpoint(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(source.folder), "repo_id": source.repo_id,
                        "revision": source.revision or _snapshot_revision(source.folder),
-                       "layout": reader.layout, "files": reader.files},
+                       "layout": reader.layout, "files": reader.files, **source_extra},
             "manifest": manifest.name or "custom", "variant": manifest.name, "dtype": dtype,
             "base_model": source.repo_id or manifest.repo_id,
             "license": _license_from_readme(source.folder) or manifest.license,

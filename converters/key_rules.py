@@ -16,7 +16,7 @@ from .shard_reader import TensorInfo
 
 @dataclass
 class Recipe:
-    """How to make one output tensor. `op`: copy | weight_norm | sum."""
+    """How to make one output tensor. `op`: copy | weight_norm | sum | split:I:N (row block I of N)."""
 
     out_key: str
     op: str
@@ -112,6 +112,20 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
                 srcs = [g["g"], g["v"]] if kind == "weight_norm" else sorted(g.values())
                 recipes[out] = Recipe(out, kind, srcs, rule=rule["name"])
 
+    for rule in rules.get("split", []):  # one source tensor -> N row blocks (fused q/k/v)
+        rx, outs = _compile(rule["pattern"], rule["name"]), rule["out"]
+        for key in list(remaining):
+            m = rx.match(key)
+            if not m:
+                continue
+            rows = source[key].shape[0] if source[key].shape else 0
+            if rows == 0 or rows % len(outs):
+                raise CompletenessError(f"rule {rule['name']}: {key} has shape {source[key].shape}; its first "
+                                        f"dimension must split into {len(outs)} equal blocks")
+            for i, tmpl in enumerate(outs):
+                recipes[m.expand(tmpl)] = Recipe(m.expand(tmpl), f"split:{i}:{len(outs)}", [key], rule=rule["name"])
+            remaining.pop(key)
+
     renames = [(_compile(r["pattern"], r["pattern"]), r["to"]) for r in rules.get("rename", [])]
     unmatched = []
     for key in list(remaining):
@@ -136,6 +150,8 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
     layouts = [(_compile(r["pattern"], r["name"]), tuple(r["transpose"]), r["name"]) for r in rules.get("layout", [])]
     for r in recipes.values():
         base = source[r.sources[-1]].shape  # weight_norm: v carries the full shape
+        if r.op.startswith("split:"):
+            base = (base[0] // int(r.op.split(":")[2]), *base[1:])
         r.sources = [alias_map.get(s, s) for s in r.sources]
         for rx, perm, _name in layouts:
             if rx.match(r.out_key):

@@ -7,7 +7,7 @@ accumulate settings nothing reads:
   [variant]   name, repo_id (hub source), license (model card fallback)
   [expect]    config facts (mlx_config.config_facts) the checkpoint must have
   [files]     config, tokenizer, extra, weights_preference, weights.<format>: hub files to fetch
-  [rules]     alias, drop, weight_norm, sum, rename, layout: key_rules.build_plan
+  [rules]     alias, drop, weight_norm, sum, split, rename, layout: key_rules.build_plan
   [dtype]     keep_float32: output keys kept float32 under --dtype
   [quantize]  include, exclude, recipes.<name>.{high_bits, high}: which modules --quantize touches
 
@@ -31,7 +31,7 @@ FIELDS: dict[str, set[str] | None] = {
     "variant": {"name", "repo_id", "license"},
     "expect": None,
     "files": {"config", "tokenizer", "extra", "weights_preference", "weights"},
-    "rules": {"alias", "drop", "weight_norm", "sum", "rename", "layout"},
+    "rules": {"alias", "drop", "weight_norm", "sum", "split", "rename", "layout"},
     "dtype": {"keep_float32"},
     "quantize": {"include", "exclude", "recipes"},
 }
@@ -40,6 +40,7 @@ RULE_FIELDS = {
     "drop": {"name", "pattern"},
     "weight_norm": {"name", "g", "v", "out"},
     "sum": {"name", "pattern", "out", "count"},
+    "split": {"name", "pattern", "out"},
     "rename": {"pattern", "to"},
     "layout": {"name", "module", "parameter", "pattern", "transpose"},
 }

@@ -27,6 +27,10 @@ def apply_recipe(op: str, arrays: list[np.ndarray], transpose: tuple[int, ...] |
         out = arrays[0].copy()
         for a in arrays[1:]:
             out += a
+    elif op.startswith("split:"):  # row block i of n (audiocraft's fused in_proj_weight)
+        i, n = (int(x) for x in op.split(":")[1:])
+        rows = arrays[0].shape[0] // n
+        out = arrays[0][i * rows:(i + 1) * rows]
     else:  # pragma: no cover - manifests are validated when the plan is built
         raise ValueError(f"unknown op {op}")
     if transpose is not None:

@@ -78,9 +78,17 @@ def main() -> None:
 @click.option("--upload-repo", default=None, help="After converting, publish to this hub repo (org/name).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter (folder or hub repo id) to merge into the weights.")
+@click.option("--format", "source_format", type=click.Choice(["audiocraft", "transformers"]), default=None,
+              help="Source layout when a folder/repo holds both (default: transformers; audiocraft = "
+                   "state_dict.bin + compression_state_dict.bin).")
+@click.option("--text-encoder", default=None,
+              help="audiocraft format: T5 folder or repo id, instead of the one xp.cfg names (resolved offline from the HF cache).")
+@click.option("--codec", default=None,
+              help="audiocraft format: transformers EnCodec folder or repo id, instead of compression_state_dict.bin.")
 @friendly_errors
 def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q_recipe, max_shard_size,
-            revision, force, allow_nonfinite, workers, upload_repo, quiet, adapter):
+            revision, force, allow_nonfinite, workers, upload_repo, quiet, adapter, source_format, text_encoder,
+            codec):
     """Convert a Hugging Face MusicGen checkpoint into an MLX checkpoint folder."""
     from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
 
@@ -90,7 +98,7 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
     res = convert_checkpoint(hf_path, mlx_path, variant=variant, dtype=dtype, quantize=qopts,
                              max_shard_size=max_shard_size, force=force, revision=revision,
                              allow_nonfinite=allow_nonfinite, workers=workers, progress=not quiet,
-                             adapter=adapter)
+                             adapter=adapter, format=source_format, text_encoder=text_encoder, codec=codec)
     click.echo(f"wrote {res.path}: variant {res.variant or 'custom'}, {res.num_tensors} tensors, "
                f"{res.num_parameters:,} parameters, {res.total_bytes / 1e6:.1f} MB")
     if res.quantized:
