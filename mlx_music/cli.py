@@ -336,6 +336,12 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
         sys.exit(0 if ok else 1)
     if not hf_path:
         raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
+    from mlx_music.eval.audiocraft_parity import is_audiocraft_source, run_audiocraft_parity
+
+    if is_audiocraft_source(hf_path) and not adapter:  # an audiocraft-format folder: audiocraft is the reference
+        rep = run_audiocraft_parity(hf_path, mlx_path, steps=steps, melody=melody, seed=seed)
+        click.echo(rep.to_json() if as_json else rep.format_table())
+        sys.exit(0 if rep.ok else 1)
     from mlx_music.eval.parity import run_parity
 
     rep = run_parity(hf_path, mlx_path, steps=steps, melody=melody, audio_prompt=continue_from, seed=seed,

@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -49,72 +48,6 @@ DURATION = 1.2  # 60 frames at 50 Hz: 60 greedy steps
 SEGMENT = {"audiogen": 10.0}  # training window (xp.cfg dataset.segment_duration); MusicGen: 30
 CARD = 64
 SEEDS = {"mono": 10, "stereo": 11, "melody": 12, "audiogen": 21}
-
-
-def install_shims() -> None:
-    xf = types.ModuleType("xformers")
-    ops = types.ModuleType("xformers.ops")
-    ops.unbind = torch.unbind
-
-    class LowerTriangularMask:  # only referenced; the torch attention backend is used
-        pass
-
-    ops.LowerTriangularMask = LowerTriangularMask
-
-    def memory_efficient_attention(*a, **k):  # imported by a compatibility check, never called
-        raise RuntimeError("xformers shim: use audiocraft's torch attention backend")
-
-    ops.memory_efficient_attention = memory_efficient_attention
-    xf.ops = ops
-    sys.modules["xformers"], sys.modules["xformers.ops"] = xf, ops
-    sys.modules["spacy"] = types.ModuleType("spacy")
-
-    sys.path.insert(0, str(HERE))
-    import torchaudio_shim
-
-    torchaudio_shim.install()
-
-    def stub(name):
-        def __getattr__(attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            class Missing:
-                def __init__(self, *a, **k):
-                    raise RuntimeError(f"torchaudio shim: {name}.{attr} is not available")
-            return Missing
-        return __getattr__
-
-    for m in ("torchaudio", "torchaudio.transforms", "torchaudio.functional"):
-        sys.modules[m].__getattr__ = stub(m)
-
-    # Identity demucs: one "other" stem holding the whole signal.
-    demucs = types.ModuleType("demucs")
-    pretrained, apply, audio = (types.ModuleType(f"demucs.{n}") for n in ("pretrained", "apply", "audio"))
-
-    class Identity:
-        sources = ["drums", "bass", "other", "vocals"]
-        samplerate = 32000
-        audio_channels = 1
-
-        def to(self, *a, **k):
-            return self
-
-    def apply_model(model, wav, device=None):
-        stems = torch.zeros(wav.shape[0], 4, *wav.shape[1:])
-        stems[:, 2] = wav
-        return stems
-
-    def convert_audio(wav, from_sr, to_sr, channels):
-        assert from_sr == to_sr, "the identity demucs does not resample"
-        return wav.mean(-2, keepdim=True) if channels == 1 else wav
-
-    pretrained.get_model = lambda name: Identity()
-    apply.apply_model = apply_model
-    audio.convert_audio = convert_audio
-    for m, mod in (("demucs", demucs), ("demucs.pretrained", pretrained), ("demucs.apply", apply),
-                   ("demucs.audio", audio)):
-        sys.modules[m] = mod
 
 
 # --------------------------------------------------------------------------- the test HF cache
@@ -348,6 +281,9 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_CACHE"] = str(CACHE)
     os.environ["HF_HOME"] = str(OUT / ".hf-home-unused")
+    sys.path.insert(0, str(HERE))
+    from audiocraft_shims import install_shims
+
     install_shims()
     shutil.rmtree(CACHE, ignore_errors=True)
     write_t5("t5-base", 768, "1" * 40, with_decoder=True)  # as the hub repo: encoder + decoder

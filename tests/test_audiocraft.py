@@ -373,3 +373,22 @@ def test_truncated_state_dict_refused(tmp_path):
 def test_fixtures_are_small():
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     assert total < 5_000_000, total
+
+
+# ------------------------------------------------------------------------------ parity command
+
+def test_parity_dispatches_to_audiocraft_and_needs_it(converted, tmp_path):
+    """`mlx-music parity --hf-path <audiocraft folder>` takes audiocraft as the reference; without
+    audiocraft installed (as in CI) it is one line and exit 2. With it, the same rows as the stored
+    references above are recomputed live (see the closing note of issue 14 for the numbers)."""
+    import importlib.util
+
+    from mlx_music.eval.audiocraft_parity import is_audiocraft_source
+
+    assert is_audiocraft_source(DATA / "mono")
+    assert not is_audiocraft_source(Path(__file__).parent / "data" / "tiny-musicgen-stereo")
+    assert importlib.util.find_spec("audiocraft") is None  # the dev extra cannot install it
+    r = cli("parity", "--hf-path", str(DATA / "mono"), "--mlx-path", str(converted("mono")))
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: audiocraft parity needs audiocraft"), r.stderr
