@@ -425,13 +425,10 @@ def codec_config_from_package(xp: XpConfig) -> dict:
 
 def _resolve_named(name: str, option: str, what: str, origin: str) -> Path:
     """A T5 / EnCodec repo named by the checkpoint (or given by option), as a local folder."""
+    files = audiocraft_manifest().files  # the transformers layout's files, as for any --hf-path
     try:
-        src: Source = resolve_source(name, ["config.json", "tokenizer.json", "tokenizer_config.json",
-                                            "special_tokens_map.json", "spiece.model"],
-                                     {"safetensors": ["model.safetensors", "model.safetensors.index.json",
-                                                      "model-*-of-*.safetensors"],
-                                      "bin": ["pytorch_model.bin", "pytorch_model.bin.index.json",
-                                              "pytorch_model-*-of-*.bin"]})
+        src: Source = resolve_source(name, ["config.json", *files["tokenizer"]],
+                                     {fmt: files["weights"][fmt] for fmt in ("safetensors", "bin")})
     except ModelNotFoundError as e:
         why = str(e).replace("--hf-path folder", "folder")
         raise SourceError(f"{what} {name!r} ({origin}) is not available: {why}; pass {option} PATH_OR_REPO") from None

@@ -31,7 +31,6 @@ whole signal, which is what mlx-music's chroma extractor sees too).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -299,7 +298,6 @@ def main() -> None:
     (OUT / "README.md").write_text(
         "Tiny random-weight audiocraft-format checkpoints and audiocraft 1.3.0's outputs on them.\n"
         "Made by tests/make_audiocraft_fixtures.py (see its docstring); used by tests/test_audiocraft.py.\n")
-    json.dumps({})
 
 
 if __name__ == "__main__":
