@@ -59,17 +59,30 @@ def main() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
+def _weight_options(fn):
+    """--dtype and the quantization options, shared by convert and convert-all."""
+    from mlx_music.runtime.dtypes import DTYPE_NAMES
+
+    for option in reversed((
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=DTYPE_NAMES[0], show_default=True,
+                     help="Weight dtype; the manifest keeps T5, EnCodec, norms and biases in float32."),
+        click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder per the manifest's policy."),
+        click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                     help="Bits per weight with -q."),
+        click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     help="Group size with -q."),
+        click.option("--q-recipe", default=None, help="Mixed-precision recipe from the manifest, e.g. mixed-4-8."),
+    )):
+        fn = option(fn)
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--hf-path", required=True, help="Hub repo id (facebook/musicgen-small) or a local folder in hub layout.")
 @click.option("--mlx-path", required=True, type=click.Path(), help="Output folder for the MLX checkpoint.")
 @click.option("--variant", default=None, help="Manifest to use (e.g. musicgen-stereo-small); auto-detected from config.json if omitted.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Weight dtype; the manifest keeps T5, EnCodec, norms and biases in float32.")
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder per the manifest's policy.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per weight with -q.")
-@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Group size with -q.")
-@click.option("--q-recipe", default=None, help="Mixed-precision recipe from the manifest, e.g. mixed-4-8.")
+@_weight_options
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when --hf-path is a repo id.")
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (atomically, once the new one is complete).")
@@ -132,12 +145,7 @@ def convert_adapter_cmd(adapter, mlx_path, base, revision, force):
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder receiving one sub-folder per variant.")
 @click.option("--variant", "variants", multiple=True, help="Variant(s) to convert (default: every manifest).")
 @click.option("--hf-root", default=None, type=click.Path(), help="Local folder holding <variant>/ hub folders instead of the hub.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Weight dtype (T5, EnCodec, norms and biases stay float32).")
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder per the manifest's policy.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Bits per weight with -q.")
-@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Group size with -q.")
-@click.option("--q-recipe", default=None, help="Mixed-precision recipe, e.g. mixed-4-8.")
+@_weight_options
 @click.option("--force", is_flag=True, help="Convert again even when a verified output exists.")
 @click.option("--no-check-variant", is_flag=True, help="Auto-detect instead of enforcing each variant's manifest.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
