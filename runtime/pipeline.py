@@ -230,10 +230,8 @@ class MusicGenPipeline:
             for final in frames:
                 bar(final)
         codes = frames.codes(frames.num_frames)
-        audio: list[np.ndarray | None] = [None] * len(frames.rows)
-        for n, idx in _length_groups(frames.rows).items():  # equal lengths decode together
-            for i, a in zip(idx, self.decode_codes(codes[idx, :, :n])):
-                audio[i] = a
+        # Each row decoded alone, so its samples do not depend on the batch (see `_chunks`).
+        audio = [self.decode_codes(codes[i:i + 1, :, :r.frames])[0] for i, r in enumerate(frames.rows)]
         stats = GenerationStats(frames.steps, time.perf_counter() - t0)
         return GenerationResult(audio, [codes[i, :, :r.frames].copy() for i, r in enumerate(frames.rows)],
                                 self.sample_rate, [r.seed for r in frames.rows], stats)
@@ -252,25 +250,19 @@ class MusicGenPipeline:
         return self.stream_batch(reqs, chunk_seconds=chunk_seconds, extend_stride=extend_stride, progress=progress)
 
     def stream_batch(self, requests: Sequence[Request], *, chunk_seconds: float = 1.0,
-                     extend_stride: float | None = None, progress: bool = False,
-                     decode_alone: bool = False) -> Iterator[AudioChunk]:
-        """`stream` of independent rows. Codes never depend on the batch; the codec decodes rows of
-        one length together, which can round differently (by an ulp) from decoding a row alone.
-        ``decode_alone=True`` decodes every row by itself: each row's samples are then
-        bit-identical to the same request run alone (what the server does)."""
+                     extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
+        """`stream` of independent rows; each row's samples equal the same request run alone."""
         if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \
                 or not math.isfinite(chunk_seconds) or chunk_seconds <= 0:
             raise ValueError(f"chunk_seconds {chunk_seconds!r}: must be a positive number of seconds")
         frames = self.frames(requests, extend_stride)
-        return self._chunks(frames, max(1, round(chunk_seconds * self.frame_rate)), progress, decode_alone)
+        return self._chunks(frames, max(1, round(chunk_seconds * self.frame_rate)), progress)
 
-    def _chunks(self, frames: FrameGenerator, chunk_frames: int, progress: bool,
-                decode_alone: bool = False) -> Iterator[AudioChunk]:
+    def _chunks(self, frames: FrameGenerator, chunk_frames: int, progress: bool) -> Iterator[AudioChunk]:
         hop = self.codec.hop
-        by_length = _length_groups(frames.rows).items()
-        if decode_alone:
-            by_length = [(r.frames, [i]) for i, r in enumerate(frames.rows)]
-        groups = [_Group(n, idx, self.codec.stream_decoder(), hop) for n, idx in by_length]
+        # One decoder per row: EnCodec on several rows at once rounds differently (by an ulp) from
+        # a row alone, and a row's samples must not depend on its batch.
+        groups = [_RowDecoder(r.frames, i, self.codec.stream_decoder(), hop) for i, r in enumerate(frames.rows)]
         stats = GenerationStats()
         seeds = [r.seed for r in frames.rows]
         t0 = time.perf_counter()
@@ -282,10 +274,7 @@ class MusicGenPipeline:
                     end = min(emitted + chunk_frames, frames.num_frames)
                     if not all([g.pump(frames, end) for g in groups]):  # every group pumps
                         break
-                    audio: list[np.ndarray] = [np.zeros((self.audio_channels, 0), np.float32)] * len(frames.rows)
-                    for g in groups:
-                        for i, a in zip(g.rows, g.take(emitted, end)):
-                            audio[i] = a
+                    audio = [g.take(emitted, end) for g in groups]
                     stats.steps, stats.seconds = frames.steps, time.perf_counter() - t0
                     if stats.first_audio_seconds is None:
                         stats.first_audio_seconds, stats.first_audio_steps = stats.seconds, frames.steps
@@ -293,14 +282,14 @@ class MusicGenPipeline:
                     emitted = end
 
 
-class _Group:
-    """Rows of one length, decoded together by one block decoder."""
+class _RowDecoder:
+    """The block decoder of one row, fed as its frames become final."""
 
-    def __init__(self, frames: int, rows: list[int], decoder: Any, hop: int):
-        self.frames, self.rows, self.decoder, self.hop = frames, rows, decoder, hop
+    def __init__(self, frames: int, row: int, decoder: Any, hop: int):
+        self.frames, self.row, self.decoder, self.hop = frames, row, decoder, hop
         self.pushed = 0  # frames handed to the decoder
         self.start = 0  # frame of audio[..., 0]
-        self.audio = np.zeros((len(rows), decoder.codec.channels, 0), np.float32)  # decoded, not taken
+        self.audio = np.zeros((decoder.codec.channels, 0), np.float32)  # decoded, not yet taken
 
     @property
     def covered(self) -> int:
@@ -309,34 +298,27 @@ class _Group:
     def pump(self, gen: FrameGenerator, end: int) -> bool:
         """Decode what is needed for frames up to ``end``; True once they are decoded.
 
-        Codes are pushed only when the codec can return the whole span (or at the rows' end),
-        since each push costs a host sync and the codec's edge context."""
+        Codes are pushed only when the codec can return the whole span (or at the row's end),
+        since each push costs a host sync."""
         need = min(end, self.frames)
         if self.covered >= need:
             return True
         target = min(gen.final, self.frames)
         if target >= min(self.frames, need + self.decoder.latency_frames) and target > self.pushed:
-            more = [self.decoder.push(gen.codes(target)[self.rows, :, self.pushed:target])]
+            more = [self.decoder.push(gen.codes(target)[self.row:self.row + 1, :, self.pushed:target])[0]]
             self.pushed = target
             if target == self.frames:
-                more.append(self.decoder.flush())
+                more.append(self.decoder.flush()[0])
             self.audio = np.concatenate([self.audio, *more], axis=-1)
         return self.covered >= need
 
-    def take(self, begin: int, end: int) -> list[np.ndarray]:
-        """Audio of frames [begin, end) of each row, cut at the rows' end."""
+    def take(self, begin: int, end: int) -> np.ndarray:
+        """Audio (channels, samples) of frames [begin, end), cut at the row's end."""
         end = max(begin, min(end, self.frames))
         lo, hi = (begin - self.start) * self.hop, (end - self.start) * self.hop
-        out = [np.ascontiguousarray(a[:, lo:hi]) for a in self.audio]
-        self.audio, self.start = self.audio[..., hi:], end
+        out = np.ascontiguousarray(self.audio[:, lo:hi])
+        self.audio, self.start = self.audio[:, hi:], end
         return out
-
-
-def _length_groups(rows: Sequence[Row]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r.frames, []).append(i)
-    return groups
 
 
 class _progress_bar:

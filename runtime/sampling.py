@@ -83,7 +83,7 @@ class RowSampling:
     greedy: mx.array  # (B,) bool
     cfg: bool  # any row uses CFG: the batch runs 2B rows (conditional first, then null)
     sample: bool  # any row samples (False: the whole batch is greedy)
-    top_k_on: bool  # any row filters with top-k
+    top_k_max: int  # the largest k of the rows that filter with top-k (0: none does)
     top_p_on: bool  # any row filters with top-p
 
     @classmethod
@@ -96,13 +96,13 @@ class RowSampling:
                    top_p=f32([r.top_p if 0 < r.top_p < 1 else 1.0 for r in rows]),
                    greedy=mx.array(np.asarray([r.greedy for r in rows], bool)),
                    cfg=any(r.uses_cfg for r in rows), sample=not all(r.greedy for r in rows),
-                   top_k_on=any(0 < r.top_k < vocab and not r.greedy for r in rows),
+                   top_k_max=max([r.top_k for r in rows if 0 < r.top_k < vocab and not r.greedy], default=0),
                    top_p_on=any(0 < r.top_p < 1 and not r.greedy for r in rows))
 
     @property
-    def static(self) -> tuple[bool, bool, bool, bool]:
+    def static(self) -> tuple[bool, bool, int, bool]:
         """The choices a compiled step is specialised on (the arrays are its inputs)."""
-        return (self.cfg, self.sample, self.top_k_on, self.top_p_on)
+        return (self.cfg, self.sample, self.top_k_max, self.top_p_on)
 
     def arrays(self) -> list[mx.array]:
         return [self.guidance, self.inv_temperature, self.top_k, self.top_p, self.greedy]
@@ -129,10 +129,14 @@ def filtered_logits(logits: mx.array, rs: RowSampling) -> mx.array:
     logits = logits - logits.max(axis=-1, keepdims=True)  # max 0: no overflow when dividing by T
     scaled = logits * rs.inv_temperature[:, None, None]
     scaled = mx.where(mx.isnan(scaled), -mx.inf, scaled)  # -inf * 0 (greedy rows)
-    if rs.top_k_on:  # keep logits >= the k-th largest (ties at the threshold kept)
-        order = mx.sort(scaled, axis=-1)
-        at = mx.broadcast_to((logits.shape[-1] - rs.top_k)[:, None, None], order.shape[:-1] + (1,))
-        scaled = mx.where(scaled < mx.take_along_axis(order, at, axis=-1), -mx.inf, scaled)
+    if rs.top_k_max:  # keep logits >= the k-th largest (ties at the threshold kept)
+        # Only the top k_max values need sorting: mx.topk, then a sort of those few (a full sort
+        # of the vocabulary per row and codebook dominated the step at larger batches).
+        top = mx.sort(mx.topk(scaled, rs.top_k_max, axis=-1), axis=-1)  # ascending, (B, K, k_max)
+        at = mx.clip(rs.top_k_max - rs.top_k, 0, rs.top_k_max - 1)[:, None, None]
+        kth = mx.take_along_axis(top, mx.broadcast_to(at, top.shape[:-1] + (1,)), axis=-1)
+        kth = mx.where((rs.top_k >= logits.shape[-1])[:, None, None], -mx.inf, kth)  # rows without top-k
+        scaled = mx.where(scaled < kth, -mx.inf, scaled)
     if not rs.top_p_on:
         return scaled
     # top-p: keep a token when the mass strictly above it is < p (the best token always stays).

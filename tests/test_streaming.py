@@ -189,7 +189,8 @@ def test_uneven_batch_rows_equal_each_row_alone(mlx_folder):
     equal the row generated alone, streamed or not (a shorter row's chunks end early)."""
     pipe = cached_pipe(mlx_folder("stereo"), window_s=1.0)
     rows = [Request(PROMPT, 2.3, seed=3), Request("80s pop", 1.5, seed=5, temperature=0.7, top_k=50),
-            Request("drums", 0.6, seed=7, guidance_scale=1.0, top_p=0.9), Request("x", 1.0, seed=1, greedy=True)]
+            Request("drums", 0.6, seed=7, guidance_scale=1.0, top_p=0.9), Request("x", 1.0, seed=1, greedy=True),
+            Request("y", 1.5, seed=2, top_k=0)]  # same length as row 1: decoded apart all the same
     batch = pipe.generate_batch(rows, extend_stride=0.6)
     streamed = list(pipe.stream_batch(rows, chunk_seconds=0.4, extend_stride=0.6))
     for i, row in enumerate(rows):
@@ -198,4 +199,4 @@ def test_uneven_batch_rows_equal_each_row_alone(mlx_folder):
         np.testing.assert_array_equal(batch.codes[i], alone.codes[0])
         np.testing.assert_array_equal(batch.audio[i], alone.audio[0])
         np.testing.assert_array_equal(np.concatenate([c.audio[i] for c in streamed], axis=-1), alone.audio[0])
-    assert len({c.tobytes() for c in batch.codes}) == 4  # rows differ
+    assert len({c.tobytes() for c in batch.codes}) == 5  # rows differ

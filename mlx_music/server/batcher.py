@@ -5,7 +5,7 @@ threads at once). It takes the oldest waiting job, waits up to ``batch_wait`` se
 job arrived for more jobs of the same model (up to ``max_batch``), and runs them as the rows of
 one `stream_batch` call. Each row keeps its own prompt, seed and settings, and its samples are
 bit-identical to the same request run alone: codes never depend on the batch, rows are decoded
-one by one (``decode_alone``: EnCodec on several rows rounds differently), and rows with an audio
+one by one (EnCodec on several rows rounds differently), and rows with an audio
 prompt only share a batch with rows whose prompt has the same length (`Job.key`).
 
 This is dynamic batching, not continuous batching: a job that arrives while a batch runs waits
@@ -245,7 +245,7 @@ class Batcher:
                 j.state = "running"
                 j._notify()
         try:
-            chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds, decode_alone=True)
+            chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds)
         except ValueError as err:  # a row the runtime refused: run the others without it
             if len(jobs) > 1:
                 for j in jobs:
