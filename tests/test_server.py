@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import random
 import subprocess
@@ -15,6 +16,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 
 from mlx_music.runtime import load
 from mlx_music.server import ServerConfig, create_app
@@ -168,9 +170,7 @@ def test_sixteen_concurrent_clients_batched_and_equal_to_alone(tiny, make_app, t
     assert upload_dirs(tmp_path) == []
     assert sum(h["rows"] for h in history) == 16 and max(h["rows"] for h in history) > 1  # batched
     assert all(h["complete"] for h in history)
-    import soundfile as sf
-
-    prompt_audio = sf.read(__import__("io").BytesIO(prompt_wav), dtype="float32", always_2d=True)
+    prompt_audio = sf.read(io.BytesIO(prompt_wav), dtype="float32", always_2d=True)
     for (kind, spec), (status, body) in zip(clients, results):
         assert status == 200, body[:200]
         got, sr = pcm16(body)
@@ -271,8 +271,7 @@ def test_bad_input_is_a_4xx_with_one_line_json_and_the_server_stays_up(tiny, mlx
             r = await c.post("/v1/generate", data={"prompt": "hum", "duration": "0.4", "seed": "5", "model": "melody"},
                              files={"melody": ("m.wav", tone_wav(0.5), "audio/wav")})
             assert r.status_code == 200 and pcm16(r.content)[0].shape[0] == samples(0.4)
-            mel = __import__("soundfile").read(__import__("io").BytesIO(tone_wav(0.5)), dtype="float32",
-                                               always_2d=True)
+            mel = sf.read(io.BytesIO(tone_wav(0.5)), dtype="float32", always_2d=True)
             ref = alone(melody, tmp_path, "hum", 0.4, seed=5, melody=(mel[0].T.copy(), mel[1]))
             assert np.array_equal(pcm16(r.content)[0], ref)
             assert [list(d.iterdir()) for d in upload_dirs(tmp_path)] == [[]]
