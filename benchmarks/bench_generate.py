@@ -598,13 +598,22 @@ def main() -> None:
 
 
 def main_direct(a: argparse.Namespace) -> None:
-    import torch
+    """--direct. On a Mac (no torch CUDA; MLX on Metal) the defaults are transformers fp32 on the
+    CPU/MPS-less torch and MLX fp32,bf16,q8 on the Apple GPU:
+        python benchmarks/bench_generate.py --direct --size small --batch 1,4,16"""
+    try:
+        import torch
 
-    gpu = torch.cuda.is_available()
-    del torch
+        gpu = torch.cuda.is_available()
+        del torch
+    except ImportError:  # MLX-only install: time MLX alone
+        gpu, a.hf_modes, a.graph_modes = False, a.hf_modes or "", a.graph_modes or ""
+    import mlx.core as mx
+
+    mlx_gpu = mx.default_device() == mx.gpu  # CUDA or Metal
     hf_modes = [m for m in (a.hf_modes if a.hf_modes is not None else ("fp32,fp16" if gpu else "fp32")).split(",") if m]
     graph_modes = [m for m in (a.graph_modes if a.graph_modes is not None else ("fp16" if gpu else "")).split(",") if m]
-    modes = [m for m in (a.modes if a.modes is not None else ("fp32,bf16,q8" if gpu else "fp32")).split(",") if m]
+    modes = [m for m in (a.modes if a.modes is not None else ("fp32,bf16,q8" if mlx_gpu else "fp32")).split(",") if m]
     batches = [int(x) for x in a.batch.split(",")]
     results: list[dict[str, Any]] = []
     jobs = ([("direct-hf", m) for m in hf_modes] + [("direct-graph", m) for m in graph_modes]
