@@ -223,7 +223,11 @@ class MusicGenPipeline:
 
     def generate_batch(self, requests: Sequence[Request], *, extend_stride: float | None = None,
                        progress: bool = False) -> GenerationResult:
-        """Independent rows, each with its own prompt, duration, seed and settings."""
+        """Independent rows, each with its own prompt, duration, seed and settings.
+
+        Each row's codes and samples equal the row run alone, unless rows carry audio prompts of
+        different lengths: the longer prompt's extra frames then run through the decoder step
+        rather than the prefill, which rounds differently and can change sampled tokens."""
         frames = self.frames(requests, extend_stride)
         t0 = time.perf_counter()
         with _progress_bar(progress, frames, self.frame_rate, "generate") as bar:
