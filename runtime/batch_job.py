@@ -452,8 +452,12 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
 
         for row in (r for r in mine if r.error):
             record(failed(row))
-        good = [r for r in mine if not r.error]
-        batches = [good[i:i + batch_size] for i in range(0, len(good), batch_size)]
+        # A row with an audio prompt runs alone: prompts of different lengths in one batch would
+        # change its codes (see MusicGenPipeline.generate_batch), and files must not depend on
+        # how the rows were batched or split over ranks.
+        alone = [[r] for r in mine if not r.error and r.audio_prompt is not None]
+        good = [r for r in mine if not r.error and r.audio_prompt is None]
+        batches = [good[i:i + batch_size] for i in range(0, len(good), batch_size)] + alone
         for batch in batches:
             for row, result in _generate(pipe, batch, prompts.parent, bar):
                 req = _request(row, model_name, model_sha, fmt)
