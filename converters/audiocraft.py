@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import numpy as np
 from .errors import ManifestError, SourceError, name_some
 from .manifest import Manifest, _from_dict, _read_toml, check_expectations, detect_variant, load_manifest
 from .mlx_config import build_mlx_config, config_facts, read_json
-from .shard_reader import _TORCH_TO_ST, FLOAT_DTYPES, CheckpointReader, TensorInfo, _torch
+from .shard_reader import _TORCH_TO_ST, FLOAT_DTYPES, CheckpointReader, TensorInfo, _torch, load_pickled_dict
 from mlx_music.manifests import MANIFEST_DIR
 from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
@@ -82,32 +80,15 @@ def detect_format(folder: Path, forced: str | None) -> str:
 
 def _load_pickle(path: Path, what: str) -> dict:
     """torch.load(weights_only=True) of an audiocraft package, with one-line errors."""
-    torch = _torch()
-    if not path.exists():
-        raise SourceError(f"{path}: {what} not found")
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError:
-        is_zip = False
-    if not is_zip:
-        raise SourceError(f"{path}: not a PyTorch zip checkpoint (truncated, corrupt or a legacy pickle)")
-    try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
+
+    def explain(text: str) -> str | None:
         if re.search(r"omegaconf|DictConfig|ListConfig|flashy|dora|hydra", text):
-            raise SourceError(f"{path}: a raw audiocraft training checkpoint (it pickles config objects, "
-                              f"refused unread); {_EXPORT_HINT}") from None
+            return f"a raw audiocraft training checkpoint (it pickles config objects, refused unread); {_EXPORT_HINT}"
         glob = re.search(r"(?:[Uu]nsupported global:? GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
         what_ = f"it references {glob.group(1)}" if glob else "unsafe pickle"
-        raise SourceError(f"{path}: refused to load: the pickle needs more than tensors and plain data "
-                          f"({what_}; nothing was executed)") from None
-    except Exception as e:
-        raise SourceError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    if not isinstance(pkg, dict):
-        raise SourceError(f"{path}: expected an audiocraft package (a dict), found {type(pkg).__name__}")
-    return pkg
+        return f"refused to load: the pickle needs more than tensors and plain data ({what_}; nothing was executed)"
+
+    return load_pickled_dict(path, what=what, expected="an audiocraft package (a dict)", explain=explain)
 
 
 def _state(pkg: dict, path: Path) -> dict:

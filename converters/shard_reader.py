@@ -17,6 +17,7 @@ import sys
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,26 +165,7 @@ class _Shard:
 
     def _open_bin(self):
         torch = _torch()
-        if not self.path.exists():
-            raise SourceError(f"{self.path}: weight file not found")
-        try:
-            is_zip = zipfile.is_zipfile(self.path)
-        except (zipfile.BadZipFile, OSError):  # a damaged end record can raise instead of answering
-            is_zip = False
-        if not is_zip:
-            raise SourceError(f"{self.path}: not a PyTorch zip checkpoint (legacy or corrupt .bin "
-                              "files are refused: they cannot be loaded safely with mmap)")
-        try:
-            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-            raise SourceError(f"{self.path}: refused to load: the pickle needs more than tensors "
-                              f"(weights_only=True rejected it: {first[:200]})") from None
-        except Exception as e:
-            raise SourceError(f"{self.path}: cannot read PyTorch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-        if not isinstance(sd, dict):
-            raise SourceError(f"{self.path}: expected a dict of tensors, found {type(sd).__name__}")
+        sd = load_pickled_dict(self.path, what="weight file", expected="a dict of tensors")
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
         if bad:
             raise SourceError(f"{self.path}: holds non-tensor entries: {name_some(map(str, bad))}")
@@ -223,6 +205,40 @@ class _Shard:
 
     def close(self) -> None:
         self._handle = None
+
+
+def load_pickled_dict(path: Path, *, what: str, expected: str,
+                      explain: Callable[[str], str | None] | None = None) -> dict:
+    """A PyTorch zip checkpoint holding a dict, read with ``torch.load(weights_only=True, mmap=True)``.
+
+    Nothing in the pickle is executed: anything but tensors and plain data is refused. Errors are
+    one-line `SourceError`s naming ``path``; ``what`` names the file in "not found", ``expected``
+    the dict it must hold, and ``explain(message)`` may word a refused pickle for the caller's format.
+    """
+    torch = _torch()
+    if not path.exists():
+        raise SourceError(f"{path}: {what} not found")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError):  # a damaged end record can raise instead of answering
+        is_zip = False
+    if not is_zip:
+        raise SourceError(f"{path}: not a PyTorch zip checkpoint (truncated, corrupt, or a legacy pickle, "
+                          "which cannot be loaded safely with mmap)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else "unsafe pickle"
+        raise SourceError(f"{path}: " + ((explain(text) if explain else None) or
+                                         "refused to load: the pickle needs more than tensors and plain data "
+                                         f"(weights_only=True rejected it, nothing was executed: {first})")) from None
+    except Exception as e:
+        raise SourceError(f"{path}: cannot read PyTorch checkpoint "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path}: expected {expected}, found {type(obj).__name__}")
+    return obj
 
 
 class CheckpointReader:
