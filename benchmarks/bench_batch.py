@@ -106,10 +106,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="Also write the rows here.")
     a = ap.parse_args()
 
-    import mlx.core as mx
-
-    import mlx_music
+    import mlx_music  # first: it binds MLX's CPU BLAS to MKL, which must precede mlx.core
     from mlx_music.blas import blas_info
+
+    import mlx.core as mx
 
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     try:

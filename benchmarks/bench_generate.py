@@ -221,11 +221,11 @@ def worker_hf(folder: Path, mode: str, steps: int, repeats: int, seed: int) -> d
 def worker_mlx(folder: Path, mode: str, steps: int, repeats: int, seed: int, channels: int,
                codebooks: int) -> dict[str, Any]:
     """Our pipeline's token loop (the frame generator: text encoding, prefill, sampled steps)."""
-    import mlx.core as mx
-
-    from mlx_music.blas import blas_info  # `import mlx_music` preloads MKL before mlx.core
+    from mlx_music.blas import blas_info  # first: `import mlx_music` preloads MKL before mlx.core
     from mlx_music.runtime import load
     from mlx_music.runtime.generation import Request
+
+    import mlx.core as mx
 
     pipe = load(str(folder))
     # steps = frames + (codebooks per channel - 1) delay positions: the same count transformers runs.

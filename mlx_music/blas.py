@@ -171,6 +171,12 @@ def _preload() -> str | None:
         # libmlx's symbols may already be bound to the bundled BLAS; a late load would be a lie.
         _state["reason"] = ("mlx.core was imported before preload_fast_blas() (import mlx_music "
                             "before mlx.core)")
+        if sys.modules["mlx.core"].default_device() == sys.modules["mlx.core"].cpu:
+            # Silent, this costs 3-5x on every CPU matmul (measured on musicgen-small): say so once.
+            import warnings
+
+            warnings.warn("mlx.core was imported before mlx_music, so MLX's CPU matrix products use its "
+                          "slow bundled BLAS instead of MKL: import mlx_music first", RuntimeWarning, stacklevel=3)
         return None
     d = path.parent
     # libmkl_rt dlopens these lazily at the first BLAS call and calls exit() if they are missing,
