@@ -253,15 +253,15 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
     from mlx_music.runtime import load, save_audio
 
     if not math.isfinite(duration) or duration <= 0:
-        raise click.BadParameter(f"{duration}: must be a positive number of seconds", param_hint="--duration")
+        raise ValueError(f"--duration {duration}: must be a positive number of seconds")
     paths = _output_paths(out, len(prompts))
     if stream and len(prompts) > 1:
         raise click.UsageError("--stream writes one file: give a single --prompt")
     if stream and not paths[0].lower().endswith(".wav"):
-        raise click.BadParameter(f"{paths[0]}: --stream writes WAV files", param_hint="--out")
+        raise ValueError(f"--out {paths[0]}: --stream writes WAV files (.wav)")
     for opt, path in (("--melody", melody), ("--continue-from", continue_from)):
         if path is not None and not os.path.isfile(path):
-            raise click.BadParameter(f"{path}: file not found", param_hint=opt)
+            raise ValueError(f"{opt} {path}: file not found")
     t0 = time.perf_counter()
     try:
         pipe = load(model_path, revision=revision, verify=verify, adapter=adapter)

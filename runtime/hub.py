@@ -111,6 +111,8 @@ class _HubRepo:
         except ImportError as e:  # pragma: no cover - huggingface_hub is a hard dependency
             raise ModelNotFoundError(f"{self.repo_id}: huggingface_hub is needed to download hub models ({e})") from None
         raw, at, where = self.repo_id, self.at, f"the local Hugging Face cache ({self.cache})"
+        if Path(raw.split("/")[0]).is_dir():  # "out/modle": more likely a mistyped local folder
+            at = f"no local folder {raw}; as a hub repo id, {at}"
         try:
             return fn()
         except RevisionNotFoundError:
@@ -119,7 +121,8 @@ class _HubRepo:
             raise ModelNotFoundError(f"hub repo {raw} is gated: accept its terms on the Hub and log in "
                                      "(`hf auth login` or HF_TOKEN)") from None
         except RepositoryNotFoundError:
-            raise ModelNotFoundError(f"hub repo {raw} not found (or private: log in with `hf auth login` "
+            lead = f"{at.split(';')[0]}; " if at.startswith("no local folder") else ""
+            raise ModelNotFoundError(f"{lead}hub repo {raw} not found (or private: log in with `hf auth login` "
                                      "or set HF_TOKEN)") from None
         except IncompleteSnapshotError as e:
             raise IncompleteCheckpointError(f"{at}: {str(e).splitlines()[0]}") from None
