@@ -460,7 +460,7 @@ def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration,
                        max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                        chunk_seconds=chunk_seconds, keep_clips=keep_clips)
     specs = _model_specs(models)
-    click.echo(f"serving {', '.join(specs)} on http://{host}:{port}/ (API docs at /docs)", err=True)
+    click.echo(f"loading {', '.join(specs)}; then serving on http://{host}:{port}/ (API docs at /docs)", err=True)
     run_server(specs, host=host, port=port, config=cfg, log_level=log_level)
 
 
