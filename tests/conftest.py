@@ -60,3 +60,14 @@ def mlx_folder(tmp_path_factory, hf_folder):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Tiny models on 2 shared cores: torch's OpenMP threads mostly spin (8x slower end to end)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -42,13 +42,7 @@ SR = 32000
 FRAME_RATE = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """Tiny models on 2 shared cores: torch's OpenMP threads mostly spin."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _cli(*args: str):

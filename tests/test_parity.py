@@ -36,13 +36,7 @@ STEPS = 8  # 5 frames: enough for the delay pattern, small for 2 shared CPU core
 PROMPT_WAV = 0.1  # seconds of audio prompt (5 frames)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """Tiny models on 2 shared cores: torch's OpenMP threads mostly spin (8x slower end to end)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _assert_ok(rep: ParityReport) -> None:
