@@ -37,7 +37,8 @@ from mlx_music.converters.errors import SourceError  # noqa: E402
 from mlx_music.eval.parity import run_parity  # noqa: E402
 from mlx_music.runtime import load  # noqa: E402
 from mlx_music.runtime.adapters import AdapterError, load_adapter  # noqa: E402
-from test_parity import _torch_single_thread  # noqa: E402,F401  (autouse: torch on one thread)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")  # torch on one thread (conftest)
 
 STEPS = 8
 PROMPTS = ["80s pop with synths", "calm piano"]
