@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_music  # noqa: E402,F401  (MKL preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_music.models.musicgen import MusicGen  # noqa: E402

@@ -537,7 +537,6 @@ class MusicgenDecoder(nn.Module):
         no logits are returned for its positions.
         """
         self._check_fused()
-        a = self.args
         x = self.embed_codes(codes)
         P = 0
         if prefix is not None:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_music.runtime.conditioning import AudioInput, Conditioner
+from mlx_music.runtime.conditioning import AudioInput
 from mlx_music.runtime.delay_pattern import build_pattern, codebook_delays
 from mlx_music.runtime.sampling import RowSampling, SamplingConfig, row_keys
 

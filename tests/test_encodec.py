@@ -16,6 +16,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from mlx_music.models.encodec import EncodecArgs, EncodecModel, EncodecStreamDecoder
+from generation_helpers import snr_db
 from tests.tiny_models import build_model, write_hub_folder
 
 PREFIX = "audio_encoder."
@@ -130,11 +131,6 @@ def test_decode_random_codes_and_building_blocks(pair):
     np.testing.assert_allclose(np.array(model.decoder(emb)).transpose(0, 2, 1), audio, atol=1e-6)
 
 
-def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    err = float(((got - ref) ** 2).sum())
-    return 10 * np.log10(float((ref ** 2).sum()) / max(err, 1e-30))
-
-
 def _stream(model: EncodecModel, codes: mx.array, chunk: int) -> np.ndarray:
     stream = EncodecStreamDecoder(model)
     parts = [np.array(stream.push(codes[:, :, i:i + chunk]))
@@ -150,7 +146,7 @@ def test_streaming_decode_equals_offline(pair, chunk):
     ref = np.array(model.decode(codes))
     got = _stream(model, codes, chunk)
     assert got.shape == ref.shape
-    snr = _snr_db(ref, got)
+    snr = snr_db(ref, got)
     print(f"streaming chunk={chunk}: SNR {snr:.1f} dB, max abs diff {np.abs(got - ref).max():.2e}")
     assert snr >= 60.0
 
@@ -162,7 +158,7 @@ def test_streaming_short_sequences(pair, frames):
     codes = mx.array(np.random.default_rng(frames).integers(0, 2048, (1, 4, frames)).astype(np.int32))
     ref = np.array(model.decode(codes))
     for chunk in (1, 2):
-        assert _snr_db(ref, _stream(model, codes, chunk)) >= 60.0
+        assert snr_db(ref, _stream(model, codes, chunk)) >= 60.0
 
 
 def test_streaming_holds_back_only_latency_frames(pair):

@@ -7,7 +7,6 @@ converters.convert (SPEC layout) and loaded into mlx_models.musicgen.MusicGen.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import mlx.core as mx

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from generation_helpers import gen, cached_pipe, melody_tones, prompt_audio, snr_db
+from generation_helpers import cached_pipe, gen, melody_tones, prompt_audio
 from mlx_music.runtime.audio_io import ProgressiveWavWriter
 from mlx_music.runtime.delay_pattern import codebook_delays
 from mlx_music.runtime.generation import Request, plan_windows
