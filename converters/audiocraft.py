@@ -471,7 +471,7 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
         reader.add_dict(CODEC_FILE, codec_path, csd, "compression.")
         codec_record = {"codec": "package", "file": CODEC_FILE}
         drop_unused = [{"name": "codec-quantizers-unused-by-decoder",
-                        "pattern": rf"^compression\.quantizer\.vq\.layers\.(?!(?:"
+                        "pattern": r"^compression\.quantizer\.vq\.layers\.(?!(?:"
                                    + "|".join(str(q) for q in range(lm.hf_decoder["num_codebooks"] // lm.channels))
                                    + r")\.)\d+\."}]
     else:
