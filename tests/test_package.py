@@ -17,14 +17,26 @@ def _python(code: str, cwd: Path | str = "/") -> str:
     return r.stdout
 
 
-def test_models_import_nothing_of_the_runtime_cli_torch_or_soundfile():
+def _loaded_after_importing(packages: tuple[str, ...], blocked: tuple[str, ...] = ()) -> list[str]:
+    """sys.modules of a fresh interpreter after importing every module of ``packages``, with
+    imports of the top-level names ``blocked`` refused."""
     out = _python(
-        "import json, pkgutil, importlib, sys\n"
-        "import mlx_music.models as m\n"
-        "for info in pkgutil.iter_modules(m.__path__):\n"
-        "    importlib.import_module('mlx_music.models.' + info.name)\n"
+        "import sys, json, pkgutil, importlib\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for name in {packages!r}:\n"
+        "    pkg = importlib.import_module(name)\n"
+        "    for info in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(name + '.' + info.name)\n"
         "print(json.dumps(sorted(sys.modules)))\n")
-    loaded = json.loads(out.splitlines()[-1])
+    return json.loads(out.splitlines()[-1])
+
+
+def test_models_import_nothing_of_the_runtime_cli_torch_or_soundfile():
+    loaded = _loaded_after_importing(("mlx_music.models",))
     assert "mlx_music.models.musicgen" in loaded and "mlx_music.models.encodec" in loaded
     bad = [name for name in loaded if name.split(".")[0] in ("torch", "transformers", "soundfile", "tokenizers")
            or name.startswith(("mlx_music.runtime", "mlx_music.cli", "mlx_music.converters", "mlx_music.eval"))]
@@ -33,20 +45,10 @@ def test_models_import_nothing_of_the_runtime_cli_torch_or_soundfile():
 
 def test_runtime_and_models_never_import_torch():
     """Every module of the runtime and the models, imported with torch and transformers blocked."""
-    out = _python(
-        "import sys, json, pkgutil, importlib\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'torchaudio'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import mlx_music, mlx_music.blas, mlx_music.runtime as rt, mlx_music.models as md\n"
-        "for pkg in (rt, md):\n"
-        "    for info in pkgutil.iter_modules(pkg.__path__):\n"
-        "        importlib.import_module(pkg.__name__ + '.' + info.name)\n"
-        "print(json.dumps(sorted(sys.modules)))\n")
-    loaded = json.loads(out.splitlines()[-1])
+    loaded = _loaded_after_importing(("mlx_music.runtime", "mlx_music.models"),
+                                     blocked=("torch", "transformers", "torchaudio"))
     assert "mlx_music.runtime.pipeline" in loaded and "mlx_music.runtime.generation" in loaded
+    assert "mlx_music.blas" in loaded
     assert not [n for n in loaded if n.split(".")[0] in ("torch", "transformers", "torchaudio")]
 
 
