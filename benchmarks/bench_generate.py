@@ -320,12 +320,12 @@ def _hf_model(size: str, stereo: bool, mode: str) -> Any:
 
 
 def worker_direct_hf(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
-                     repeats: int) -> list[dict[str, Any]]:
+                     repeats: int, model: Any = None) -> list[dict[str, Any]]:
     import types
 
     import torch
 
-    model, dev = _hf_model(size, stereo, mode)
+    model, dev = model or _hf_model(size, stereo, mode)
     model.audio_encoder.decode = lambda codes, *a, **k: types.SimpleNamespace(
         audio_values=torch.zeros(codes.shape[1], 1, 1))
     out = []
@@ -350,17 +350,25 @@ def worker_direct_hf(size: str, stereo: bool, mode: str, steps: int, batches: li
 
 
 def worker_direct_graph(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
-                        repeats: int) -> list[dict[str, Any]]:
+                        repeats: int, model: Any = None) -> list[dict[str, Any]]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from torch_cudagraph import GraphDecoder
 
-    model, dev = _hf_model(size, stereo, mode)
+    model, dev = model or _hf_model(size, stereo, mode)
     out = []
     for b in batches:
         sps = GraphDecoder(model, b, steps + 1, 12).time(steps, repeats)
         out.append({"engine": "torch-cudagraph", "mode": mode, "batch": b, "times": [steps / sps],
                     "steps": steps, "device": dev})
     return out
+
+
+def worker_direct_hf_graph(size: str, stereo: bool, mode: str, steps: int, batches: list[int],
+                           repeats: int) -> list[dict[str, Any]]:
+    """transformers `generate()` and the CUDA-graph loop on one model (one build instead of two)."""
+    built = _hf_model(size, stereo, mode)
+    return (worker_direct_hf(size, stereo, mode, steps, batches, repeats, built)
+            + worker_direct_graph(size, stereo, mode, steps, batches, repeats, built))
 
 
 def mlx_model(size: str, stereo: bool, mode: str) -> Any:
@@ -450,8 +458,9 @@ def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None
     checkout (``--baseline-src``) times an older revision on the same converted checkpoint."""
     cmd = [sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--worker", *spec]
     try:
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # keep e.g. --target installs
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
-                           env={**os.environ, "PYTHONPATH": str(root), **(extra_env or {})})
+                           env={**os.environ, "PYTHONPATH": path, **(extra_env or {})})
     except subprocess.TimeoutExpired:
         print(f"[bench] {' '.join(spec[:2])}: timed out after {timeout:.0f} s", flush=True)
         return None
@@ -514,7 +523,7 @@ def main() -> None:
         if a.worker[0].startswith("direct-"):
             engine, size, stereo, mode, steps, batches, repeats = a.worker
             fn = {"direct-hf": worker_direct_hf, "direct-graph": worker_direct_graph,
-                  "direct-mlx": worker_direct_mlx}[engine]
+                  "direct-hf+graph": worker_direct_hf_graph, "direct-mlx": worker_direct_mlx}[engine]
             print(json.dumps(fn(size, stereo == "1", mode, int(steps), [int(x) for x in batches.split(",")],
                                 int(repeats))))
             return
@@ -616,8 +625,9 @@ def main_direct(a: argparse.Namespace) -> None:
     modes = [m for m in (a.modes if a.modes is not None else ("fp32,bf16,q8" if mlx_gpu else "fp32")).split(",") if m]
     batches = [int(x) for x in a.batch.split(",")]
     results: list[dict[str, Any]] = []
-    jobs = ([("direct-hf", m) for m in hf_modes] + [("direct-graph", m) for m in graph_modes]
-            + [("direct-mlx", m) for m in modes])
+    # A dtype timed by both torch engines builds its model once.
+    jobs = ([("direct-hf+graph" if m in graph_modes else "direct-hf", m) for m in hf_modes]
+            + [("direct-graph", m) for m in graph_modes if m not in hf_modes] + [("direct-mlx", m) for m in modes])
     envs = a.mlx_env if a.mlx_env else [""]
     for engine, mode in jobs:
         for env in (envs if engine == "direct-mlx" else [""]):

@@ -37,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_music.models.kernels import add_layer_norm, decode_attention
+from mlx_music.models.kernels import add_layer_norm, cuda_kernels_enabled, decode_attention
 
 
 @dataclass
@@ -203,15 +203,39 @@ def _merge_heads(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
+# On MLX's CUDA backend a quantized matmul of 8 or more rows runs a tensor-core kernel (`qmm`)
+# that, at 8-32 rows, costs more GPU time than reading bf16 weights (H200, musicgen-medium q8:
+# 156.6 steps/s at 2 rows, 49.5 at 32; bf16 83-104). Caches of at least this many rows therefore
+# give each quantized linear a dequantized copy (`MusicgenDecoder.make_cache`), CUDA only.
+DENSE_ROWS_CUDA = 8
+
+
+class _DenseCopy:
+    """A quantized linear's dequantized weight, transposed to (in, out) for `x @ weight_t`.
+    A plain object, so it is not a parameter (never saved, fused or adapted)."""
+
+    def __init__(self, m: nn.QuantizedLinear):
+        self.weight_t = mx.contiguous(_float_weight(m).T)
+        self.bias = m.bias if "bias" in m else None
+        mx.eval(self.weight_t)
+
+
 def _linear(m: nn.Module, x: mx.array) -> mx.array:
-    """m(x) with the rows flattened to one matrix for quantized layers.
+    """m(x); quantized layers see the rows flattened to one matrix, or use their dense copy.
 
     MLX's CUDA quantized matmul treats a (B, 1, in) input as B separate products of one row each
-    (re-reading the weights per row once B >= 8); as (B, in) it is one product of B rows.
+    (re-reading the weights per row once B >= 8); as (B, in) it is one product of B rows. With
+    `DENSE_ROWS_CUDA` rows or more, a layer that has a `_DenseCopy` multiplies by that instead.
     """
-    if isinstance(m, nn.QuantizedLinear) and x.ndim > 2:
-        return m(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-    return m(x)
+    if not isinstance(m, nn.QuantizedLinear):
+        return m(x)
+    flat = x.reshape(-1, x.shape[-1])
+    dense = getattr(m, "_dense", None)
+    if dense is not None and flat.shape[0] >= DENSE_ROWS_CUDA:
+        y = flat @ dense.weight_t if dense.bias is None else mx.addmm(dense.bias, flat, dense.weight_t)
+    else:
+        y = m(flat)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _norm(m: nn.LayerNorm, x: mx.array, d: mx.array | None) -> tuple[mx.array, mx.array]:
@@ -482,7 +506,21 @@ class MusicgenDecoder(nn.Module):
         a = self.args
         dtype = dtype or self.layer_norm.weight.dtype
         self._position_table(max_len, dtype)
+        if batch_size >= DENSE_ROWS_CUDA and cuda_kernels_enabled():
+            self.add_dense_copies()
         return DecoderCache.empty(a.num_layers, batch_size, a.num_heads, max_len, a.head_dim, dtype)
+
+    def add_dense_copies(self) -> int:
+        """Give every quantized linear of the layers and the heads a dequantized copy (see
+        `DENSE_ROWS_CUDA`), used by calls with that many rows. Costs the float weights' memory
+        on top of the packed ones. Returns the number of copies made (0 when already present)."""
+        self._check_fused()
+        made = 0
+        for _, m in self.named_modules():
+            if isinstance(m, nn.QuantizedLinear) and getattr(m, "_dense", None) is None:
+                m._dense = _DenseCopy(m)
+                made += 1
+        return made
 
     def set_cross_attention(self, cache: DecoderCache, encoder_states: mx.array,
                             encoder_mask: mx.array | None = None) -> None:

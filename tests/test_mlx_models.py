@@ -320,3 +320,35 @@ def test_compiled_step_equals_eager_step(cross_attention):
         assert int(cache.offset) == prefix + steps + 1
         runs.append(np.concatenate([np.array(o) for o in outs], axis=2))
     assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
+
+
+def test_dense_copies_of_quantized_linears():
+    """Quantized linears' dequantized copies (the CUDA route for >= DENSE_ROWS_CUDA rows): not
+    made on CPU by default; when added, inputs of that many rows use them (the packed result to
+    float rounding), fewer rows keep the packed matmul; the parameters are unchanged."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_music.models import musicgen_decoder as md
+
+    model = _random_model(quantize=True)
+    dec = model.decoder
+    rows = md.DENSE_ROWS_CUDA
+    dec.make_cache(rows, 8)
+    assert getattr(dec.lm_head, "_dense", None) is None  # CPU: never made implicitly
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    quantized = sum(isinstance(m, nn.QuantizedLinear) for _, m in dec.named_modules())
+    assert dec.add_dense_copies() == quantized > 0 and dec.add_dense_copies() == 0
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    head = dec.lm_head
+    for n in (rows, rows - 1):
+        x = mx.random.normal((n, 1, 64))
+        packed = head(x.reshape(n, 64)).reshape(n, 1, -1)
+        assert _maxdiff(md._linear(head, x), packed) <= 1e-5 * float(mx.abs(packed).max())
+    # Which path ran: zero the copy; only the call with enough rows sees it, in the model too.
+    codes, states = mx.random.randint(0, 2049, (rows, 4, 1)), mx.random.normal((rows, 3, 64))
+    before = model(codes, states, mx.ones((rows, 3)))
+    head._dense.weight_t = mx.zeros_like(head._dense.weight_t)
+    assert float(mx.abs(md._linear(head, mx.random.normal((rows, 1, 64)))).max()) == 0.0
+    assert float(mx.abs(md._linear(head, mx.random.normal((rows - 1, 1, 64)))).max()) > 0.0
+    assert float(mx.abs(model(codes, states, mx.ones((rows, 3)))).max()) == 0.0 < float(mx.abs(before).max())
