@@ -57,7 +57,7 @@ PY
 mlx)
   env=$(cat /root/best_env 2>/dev/null || true)
   for c in $CONFIGS; do
-    reps=2; case $c in small*) reps=3;; esac
+    reps=${REPS:-2}
     bench $(args $c) --repeats $reps --hf-modes "" --graph-modes "" --modes fp32,bf16,q8 --mlx-env "$env" \
       --json /tmp/res/mlx-$c.json --timeout 200
     merge mlx
