@@ -450,17 +450,18 @@ def worker_direct_mlx(size: str, stereo: bool, mode: str, steps: int, batches: l
     return out
 
 
-def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None = None,
-               root: Path = ROOT) -> dict[str, Any] | None:
+def run_worker(spec: list[str], timeout: float, env: str = "", root: Path = ROOT) -> Any:
     """Run one measurement in a child process; its last stdout line is the JSON result.
 
     ``root``: the source tree whose bench_generate.py (and code) runs the measurement; another
-    checkout (``--baseline-src``) times an older revision on the same converted checkpoint."""
+    checkout (``--baseline-src``) times an older revision on the same converted checkpoint.
+    ``env``: extra environment variables for the child, "K=V[,K=V]" (an `--mlx-env` value)."""
+    extra_env = dict(kv.split("=", 1) for kv in env.split(",") if kv)
     cmd = [sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--worker", *spec]
     try:
         path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # keep e.g. --target installs
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
-                           env={**os.environ, "PYTHONPATH": path, **(extra_env or {})})
+                           env={**os.environ, "PYTHONPATH": path, **extra_env})
     except subprocess.TimeoutExpired:
         print(f"[bench] {' '.join(spec[:2])}: timed out after {timeout:.0f} s", flush=True)
         return None
@@ -468,6 +469,16 @@ def run_worker(spec: list[str], timeout: float, extra_env: dict[str, str] | None
         print(f"[bench] {' '.join(spec[:2])} failed:\n{p.stderr[-3000:]}", flush=True)
         return None
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _with_rates(r: dict[str, Any], steps: int, env: str) -> dict[str, Any]:
+    """A worker's result with its best time, steps/s and environment (shown in the mode label)."""
+    r["best_s"] = min(r["times"])
+    r["steps_per_s"] = steps / r["best_s"]
+    r["env"] = env
+    if env:
+        r["mode"] += f" [{env}]"
+    return r
 
 
 # ----------------------------------------------------------------------------- report
@@ -568,20 +579,14 @@ def main() -> None:
     for engine, mode, folder, env, root in jobs:
         spec = [engine, mode, str(folder), str(a.steps), str(a.repeats), str(a.seed), str(channels),
                 str(codebooks)]
-        extra = dict(kv.split("=", 1) for kv in env.split(",") if kv)
-        r = run_worker(spec, a.timeout, extra, root)
+        r = run_worker(spec, a.timeout, env, root)
         if r is None:
             continue
         if root != ROOT:
             r["engine"] = "mlx (baseline)"
-        r["best_s"] = min(r["times"])
-        r["steps_per_s"] = a.steps / r["best_s"]
-        r["env"] = env
         if engine == "mlx" and mode.startswith("q"):
             r["mode"] = f"{mode} ({q_dtype})"
-        if env:
-            r["mode"] += f" [{env.replace('MLX_MAX_OPS_PER_BUFFER', 'ops')}]"
-        results.append(r)
+        results.append(_with_rates(r, a.steps, env))
         prof = f"; sync step {r['sync_step_ms']:.2f} ms, sampling {r['sample_ms']:.2f} ms" if "sync_step_ms" in r else ""
         print(f"[bench] {engine} {r['mode']}: {r['steps_per_s']:.1f} steps/s = {1e3 / r['steps_per_s']:.2f} ms/step "
               f"(runs {', '.join(f'{t:.2f}' for t in r['times'])} s{prof})", flush=True)
@@ -632,15 +637,9 @@ def main_direct(a: argparse.Namespace) -> None:
     for engine, mode in jobs:
         for env in (envs if engine == "direct-mlx" else [""]):
             spec = [engine, a.size, "1" if a.stereo else "0", mode, str(a.steps), a.batch, str(a.repeats)]
-            extra = dict(kv.split("=", 1) for kv in env.split(",") if kv)
-            rs = run_worker(spec, a.timeout, extra)
-            for r in rs or []:
-                r["best_s"] = min(r["times"])
-                r["steps_per_s"] = r["steps"] / r["best_s"]
+            for r in run_worker(spec, a.timeout, env) or []:
+                r = _with_rates(r, r["steps"], env)
                 r["audio_s_per_s"] = r["batch"] * r["steps_per_s"] / FRAME_RATE
-                r["env"] = env
-                if env:
-                    r["mode"] += f" [{env}]"
                 results.append(r)
                 prims = f", {r['primitives']} primitives/step" if "primitives" in r else ""
                 print(f"[bench] {a.size}{' stereo' if a.stereo else ''} {r['engine']} {r['mode']} batch {r['batch']}: "
