@@ -212,12 +212,27 @@ DENSE_ROWS_CUDA = 8
 
 class _DenseCopy:
     """A quantized linear's dequantized weight, transposed to (in, out) for `x @ weight_t`.
-    A plain object, so it is not a parameter (never saved, fused or adapted)."""
+    A plain object, so it is not a parameter (never saved, fused or adapted). It remembers the
+    packed array it was made from: new weights (`load_weights`) make it stale, hence unused."""
 
     def __init__(self, m: nn.QuantizedLinear):
+        self.source = self._packed(m)
         self.weight_t = mx.contiguous(_float_weight(m).T)
         self.bias = m.bias if "bias" in m else None
         mx.eval(self.weight_t)
+
+    @staticmethod
+    def _packed(m: nn.Module) -> list[mx.array]:
+        return [m[n] for n in ("weight", "scales", "biases", "bias") if n in m]
+
+    @classmethod
+    def of(cls, m: nn.Module) -> "_DenseCopy | None":
+        """m's copy if it has one made from its current arrays."""
+        dense = getattr(m, "_dense", None)
+        current = cls._packed(m)
+        if dense is None or len(current) != len(dense.source):
+            return None
+        return dense if all(a is b for a, b in zip(current, dense.source)) else None
 
 
 def _linear(m: nn.Module, x: mx.array) -> mx.array:
@@ -230,7 +245,7 @@ def _linear(m: nn.Module, x: mx.array) -> mx.array:
     if not isinstance(m, nn.QuantizedLinear):
         return m(x)
     flat = x.reshape(-1, x.shape[-1])
-    dense = getattr(m, "_dense", None)
+    dense = _DenseCopy.of(m)
     if dense is not None and flat.shape[0] >= DENSE_ROWS_CUDA:
         y = flat @ dense.weight_t if dense.bias is None else mx.addmm(dense.bias, flat, dense.weight_t)
     else:
@@ -513,11 +528,11 @@ class MusicgenDecoder(nn.Module):
     def add_dense_copies(self) -> int:
         """Give every quantized linear of the layers and the heads a dequantized copy (see
         `DENSE_ROWS_CUDA`), used by calls with that many rows. Costs the float weights' memory
-        on top of the packed ones. Returns the number of copies made (0 when already present)."""
+        on top of the packed ones. Returns the number of copies made (0 when all are current)."""
         self._check_fused()
         made = 0
         for _, m in self.named_modules():
-            if isinstance(m, nn.QuantizedLinear) and getattr(m, "_dense", None) is None:
+            if isinstance(m, nn.QuantizedLinear) and _DenseCopy.of(m) is None:
                 m._dense = _DenseCopy(m)
                 made += 1
         return made

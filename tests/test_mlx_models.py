@@ -352,3 +352,12 @@ def test_dense_copies_of_quantized_linears():
     assert float(mx.abs(md._linear(head, mx.random.normal((rows, 1, 64)))).max()) == 0.0
     assert float(mx.abs(md._linear(head, mx.random.normal((rows - 1, 1, 64)))).max()) > 0.0
     assert float(mx.abs(model(codes, states, mx.ones((rows, 3)))).max()) == 0.0 < float(mx.abs(before).max())
+    # New weights make a copy stale (fc1 is the same module after load_weights): unused until made again.
+    fc1, x = dec.layers[0].fc1, mx.random.normal((rows, 1, 64))
+    old = md._linear(fc1, x)
+    weights = dict(tree_flatten(model.unfuse().parameters()))
+    model.load_weights({k: v * 2 if k.endswith(".scales") else v for k, v in weights.items()})  # same packed ints
+    assert dec.layers[0].fc1 is fc1 and fc1._dense is not None
+    new = fc1(x.reshape(rows, 64)).reshape(rows, 1, -1)
+    assert _maxdiff(new, old) > 0.1 and _maxdiff(md._linear(fc1, x), new) == 0.0
+    assert dec.add_dense_copies() == quantized
