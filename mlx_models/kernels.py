@@ -15,7 +15,9 @@ GPUs) it is the plain MLX composition it replaces, which the parity tests run.
 
 No Metal twins: on Apple GPUs MLX's own SDPA takes bool masks in its fused vector kernel, and
 `mx.fast.layer_norm` + a compiled add cost two primitives; kernels that cannot be run here are
-not shipped. Set MLX_MUSIC_KERNELS=0 to force the fallbacks (benchmarks, debugging).
+not shipped. Set MLX_MUSIC_KERNELS=0 to force the fallbacks (benchmarks, debugging); it also
+turns off the q8 models' dequantized copies (`musicgen_decoder.DENSE_ROWS_CUDA`), the other
+CUDA-only path, e.g. when GPU memory is short.
 """
 
 from __future__ import annotations
