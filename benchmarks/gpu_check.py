@@ -45,7 +45,7 @@ for rows in (2, md.DENSE_ROWS_CUDA, 32):
     lin.weight = (mx.random.normal((3072, 1024)) * 0.03).astype(mx.bfloat16)
     q = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=8)
     x = mx.random.normal((rows, 1, 1024)).astype(mx.bfloat16)
-    ref = x.astype(mx.float32) @ md._float_weight(q).astype(mx.float32).T
+    ref = x.astype(mx.float32) @ md.float_weight(q).astype(mx.float32).T
     packed = md._linear(q, x).astype(mx.float32)
     q._dense = md._DenseCopy(q)
     dense = md._linear(q, x).astype(mx.float32)

@@ -217,7 +217,7 @@ class _DenseCopy:
 
     def __init__(self, m: nn.QuantizedLinear):
         self.source = self._packed(m)
-        self.weight_t = mx.contiguous(_float_weight(m).T)
+        self.weight_t = mx.contiguous(float_weight(m).T)
         self.bias = m.bias if "bias" in m else None
         mx.eval(self.weight_t)
 
@@ -268,7 +268,9 @@ def _quant_key(m: nn.Module) -> tuple | None:
     return None
 
 
-def _float_weight(m: nn.Module) -> mx.array:
+def float_weight(m: nn.Module) -> mx.array:
+    """The float weight of a Linear/Embedding, quantized or not: (out, in) / (rows, dims) in the
+    dtype of the scales (per group ``scale * q + bias``, MLX's `dequantize`)."""
     if _quant_key(m) is None:
         return m.weight
     return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
@@ -302,7 +304,7 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module:
     quants = {_quant_key(m) for m in mods}
     quant = quants.pop() if len(quants) == 1 else None
     names = [n for n in ("weight", "scales", "biases") if n in mods[0]] if quant else ["weight"]
-    arrays = {n: mx.concatenate([getattr(m, n) if quant else _float_weight(m) for m in mods], axis=0)
+    arrays = {n: mx.concatenate([getattr(m, n) if quant else float_weight(m) for m in mods], axis=0)
               for n in names}
     if any("bias" in m for m in mods):
         arrays["bias"] = mx.concatenate([m.bias if "bias" in m else mx.zeros((m.weight.shape[0],), m.weight.dtype)

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from mlx_music.models.musicgen_decoder import float_weight
 from mlx_music.runtime.delay_pattern import apply_pattern, build_pattern
 
 # Fixed prompts: a spread of genres, and every word is in the tiny test tokenizer's vocabulary
@@ -180,8 +181,7 @@ def dequantize_model(model: nn.Module) -> int:
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
-            w = w.astype(m.scales.dtype)
+            w = float_weight(m)
             if isinstance(m, nn.QuantizedLinear):
                 new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
                 if "bias" in m:
