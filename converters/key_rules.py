@@ -79,6 +79,16 @@ def _group_rule(rule: dict, members: dict[str, str], kind: str):
     return groups
 
 
+def _add(recipes: dict[str, Recipe], recipe: Recipe) -> None:
+    """One recipe per output: two source forms of one tensor (e.g. audiocraft's plain and
+    ``mha.`` attention keys side by side) are ambiguous, never silently one of them."""
+    old = recipes.get(recipe.out_key)
+    if old is not None:
+        raise CompletenessError(f"two source tensors map to {recipe.out_key}: {old.sources[0]} and "
+                                f"{recipe.sources[0]}")
+    recipes[recipe.out_key] = recipe
+
+
 def build_plan(source: dict[str, TensorInfo], rules: dict,
                expected: dict[str, tuple[int, ...]] | None, strict: bool = True) -> Plan:
     """Map source tensors to output recipes; raise CompletenessError listing any gap."""
@@ -110,7 +120,7 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
         for rule in rules.get(kind, []):
             for out, g in _group_rule(rule, remaining, kind).items():
                 srcs = [g["g"], g["v"]] if kind == "weight_norm" else sorted(g.values())
-                recipes[out] = Recipe(out, kind, srcs, rule=rule["name"])
+                _add(recipes, Recipe(out, kind, srcs, rule=rule["name"]))
 
     for rule in rules.get("split", []):  # one source tensor -> N row blocks (fused q/k/v)
         rx, outs = _compile(rule["pattern"], rule["name"]), rule["out"]
@@ -123,7 +133,7 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
                 raise CompletenessError(f"rule {rule['name']}: {key} has shape {source[key].shape}; its first "
                                         f"dimension must split into {len(outs)} equal blocks")
             for i, tmpl in enumerate(outs):
-                recipes[m.expand(tmpl)] = Recipe(m.expand(tmpl), f"split:{i}:{len(outs)}", [key], rule=rule["name"])
+                _add(recipes, Recipe(m.expand(tmpl), f"split:{i}:{len(outs)}", [key], rule=rule["name"]))
             remaining.pop(key)
 
     renames = [(_compile(r["pattern"], r["pattern"]), r["to"]) for r in rules.get("rename", [])]
@@ -132,10 +142,7 @@ def build_plan(source: dict[str, TensorInfo], rules: dict,
         for rx, to in renames:
             m = rx.match(key)
             if m:
-                out = m.expand(to)
-                if out in recipes:
-                    raise CompletenessError(f"two source tensors map to {out}: {recipes[out].sources[0]} and {key}")
-                recipes[out] = Recipe(out, "copy", [key], rule="rename")
+                _add(recipes, Recipe(m.expand(to), "copy", [key], rule="rename"))
                 remaining.pop(key)
                 break
         else:

@@ -392,3 +392,77 @@ def test_parity_dispatches_to_audiocraft_and_needs_it(converted, tmp_path):
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: audiocraft parity needs audiocraft"), r.stderr
+
+
+# ------------------------------------------------------------------------------ key forms
+
+def _mha_form(kind: str, which=lambda key: True) -> dict:
+    """The package of ``kind`` with its attention keys in the form a model trained with
+    ``transformer_lm.custom: false, memory_efficient: false`` (no xformers) stores:
+    ``...self_attn.mha.in_proj_weight``, ``...cross_attention.mha.out_proj.weight``.
+    The same tensors under another name: audiocraft 1.3.0 builds that model around a
+    ``torch.nn.MultiheadAttention`` (``StreamingMultiheadAttention.mha``) and its
+    ``_load_from_state_dict`` moves plain keys under ``mha.``; checked with audiocraft itself:
+    a custom=False model's ``state_dict()`` holds exactly these keys, equal to the plain ones."""
+    import re
+
+    pkg = _package(kind)
+    rx = re.compile(r"^(transformer\.layers\.\d+\.(?:self_attn|cross_attention)\.)(in_proj_weight|out_proj\.weight)$")
+    sd = {}
+    for key, val in pkg["best_state"].items():
+        m = rx.match(key)
+        sd[rx.sub(r"\1mha.\2", key) if m and which(key) else key] = val
+    return {**pkg, "best_state": sd}
+
+
+def _tensors(folder: Path) -> dict:
+    import mlx.core as mx
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ("mono", "stereo"))
+def test_mha_key_form_converts_identically(converted, tmp_path, kind):
+    """Issue 22 item 5: an LM trained without xformers (``mha.`` attention keys) converts to the
+    same MLX tensors as the plain form, and its greedy tokens equal audiocraft's."""
+    import mlx_music
+
+    pkg = _mha_form(kind)
+    assert sum(".mha." in k for k in pkg["best_state"]) == 2 * 2 * 2  # 2 layers x (self, cross) x (in, out)
+    src = _folder(tmp_path, kind, lm=pkg)
+    out = tmp_path / "out"
+    r = cli("convert", "--hf-path", str(src), "--mlx-path", str(out), "--quiet")
+    assert r.exit_code == 0, r.output + r.stderr
+    a, b = _tensors(converted(kind)), _tensors(out)
+    assert sorted(a) == sorted(b) and len(b) == EXPECTED[kind][0]
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+    ref = refs(kind)
+    res = mlx_music.load(out).generate([str(ref["prompt"])], float(ref["duration"]), greedy=True,
+                                       guidance_scale=3.0)
+    np.testing.assert_array_equal(res.codes[0], ref["tokens"][0])
+
+
+def test_mixed_key_forms_convert_and_duplicates_are_refused(converted, tmp_path):
+    """audiocraft moves each module's keys on its own, so one file may mix the forms; the same
+    tensor under both names is ambiguous and refused naming both keys."""
+    mixed = _mha_form("mono", which=lambda key: ".layers.0." in key)
+    src = _folder(tmp_path, "mono", lm=mixed)
+    r = cli("convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "mixed"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    a, b = _tensors(converted("mono")), _tensors(tmp_path / "mixed")
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a) and sorted(a) == sorted(b)
+    for twice in ("transformer.layers.1.cross_attention.in_proj_weight",  # a split rule
+                  "transformer.layers.1.self_attn.out_proj.weight"):  # a rename
+        sd = _package()["best_state"]
+        both = {**_package(), "best_state": {**sd, twice.replace("attention.", "attention.mha.")
+                                             .replace("attn.", "attn.mha."): sd[twice]}}
+        dup = tmp_path / twice
+        dup.mkdir()
+        out = dup / "out"
+        r = cli("convert", "--hf-path", str(_folder(dup, "mono", lm=both)), "--mlx-path", str(out), "--quiet")
+        _assert_refused(r, out, "two source tensors map to")
+        assert twice in r.stderr
