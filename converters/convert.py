@@ -26,11 +26,11 @@ from .mlx_config import build_mlx_config, config_facts, expected_shapes, read_js
 from .safetensors_writer import OutputTensor, ShardWriter, plan_shards, shard_names
 from .shard_reader import CheckpointReader
 from .transforms import apply_recipe, cast
+from mlx_music._meta import __version__
 from mlx_music.runtime.checksums import sha256_file as _sha256
 from mlx_music.runtime.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
-__version__ = "0.1.0"
 DTYPES = DTYPE_NAMES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from mlx_music._meta import pip_hint
+
 # Used in the usage snippet when the target repo is not known yet at conversion time;
 # converters/publish.py replaces it with the real repo id when uploading.
 REPO_PLACEHOLDER = "YOUR_HF_USER/REPO_NAME"
@@ -96,7 +98,7 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
 
     prompt = _EXAMPLE_PROMPT
     usage = [
-        "## Usage", "", "```bash", "pip install mlx-music",
+        "## Usage", "", "```bash", pip_hint(),
         f'mlx-music generate --model {repo} --prompt "{prompt}" --out x.wav', "```", "",
         "```python", "from mlx_music import load", "", f'model = load("{repo}")',
         f'result = model.generate(["{prompt}"], duration=10)  # result.audio[0]: [channels, samples]', "```",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError, name_some
+from mlx_music._meta import pip_hint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -53,7 +54,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise SourceError("reading checkpoints needs torch: pip install 'mlx-music[convert]'") from None
+        raise SourceError(f"reading checkpoints needs torch: {pip_hint('convert')}") from None
     return torch
 
 

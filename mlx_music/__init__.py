@@ -19,7 +19,7 @@ from mlx_music.blas import preload_fast_blas as _preload_fast_blas
 
 _preload_fast_blas()
 
-__version__ = "0.2.0"
+from mlx_music._meta import __version__  # noqa: E402 - the one version source
 __all__ = ["load", "convert", "__version__"]
 
 

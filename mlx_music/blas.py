@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlx_music._meta import pip_hint
+
 # MKL service-function constants (mkl_service.h); we only need a few.
 _MKL_INTERFACE_LP64 = 0
 _MKL_THREADING_INTEL = 0
@@ -43,7 +45,7 @@ _MKL_THREADING_SEQUENTIAL = 1
 # Module state: what preload_fast_blas did and why (blas_info reports it).
 _state: dict[str, Any] = {"path": None, "reason": "preload_fast_blas() not called", "threading": None,
                           "attempted": False}
-_INSTALL_HINT = "pip install 'mlx-music[fast-cpu]'"
+_INSTALL_HINT = pip_hint("fast-cpu")
 _mkl_handle: ctypes.CDLL | None = None
 
 

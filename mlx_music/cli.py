@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from mlx_music._meta import __version__, missing_extra, pip_hint
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errs: list[type[BaseException]] = [ValueError, FileNotFoundError]
@@ -42,6 +44,14 @@ def friendly_errors(fn):
             msg = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)
+        except ModuleNotFoundError as e:
+            # An optional dependency of a command (torch for `convert`, transformers for `parity`,
+            # ...) is not installed: say which extra brings it, instead of a traceback.
+            hint = missing_extra(e.name, getattr(e, "extra", None))
+            if hint is None or os.environ.get("MLX_MUSIC_DEBUG"):
+                raise
+            click.echo(f"error: {click.get_current_context().info_name} {hint}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -49,8 +59,30 @@ def friendly_errors(fn):
     return wrapper
 
 
+class MissingExtraError(ModuleNotFoundError):
+    """An optional dependency is missing; `extra` is the pyproject extra that installs it."""
+
+    def __init__(self, name: str, extra: str):
+        super().__init__(f"No module named {name!r}", name=name)
+        self.extra = extra
+
+
+def _require(extra: str, *modules: str) -> None:
+    """Raise MissingExtraError for the first of `modules` not installed (friendly_errors prints
+    one line naming `extra`), before a command spends time loading anything."""
+    import importlib.util
+
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a finder that refuses the name (an import hook, a broken install)
+            found = False
+        if not found:
+            raise MissingExtraError(name, extra)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="mlx-music")
+@click.version_option(__version__, prog_name="mlx-music")
 def main() -> None:
     """Convert MusicGen checkpoints to MLX and generate music with them."""
     import warnings
@@ -344,6 +376,7 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
         sys.exit(0 if ok else 1)
     if not hf_path:
         raise click.UsageError("give --hf-path (transformers reference) or --reference-mlx-path")
+    _require("parity", "torch", "transformers", *(["peft"] if adapter else []))  # before any model loads
     from mlx_music.eval.audiocraft_parity import is_audiocraft_source, run_audiocraft_parity
 
     if is_audiocraft_source(hf_path) and not adapter:  # an audiocraft-format folder: audiocraft is the reference
@@ -455,7 +488,7 @@ def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration,
     try:
         from mlx_music.server import ServerConfig, serve as run_server
     except ImportError as e:
-        raise click.ClickException(f"the server needs the serve extra: pip install 'mlx-music[serve]' ({e})")
+        raise click.ClickException(f"the server needs the serve extra: {pip_hint('serve')} ({e})")
     cfg = ServerConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                        max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                        chunk_seconds=chunk_seconds, keep_clips=keep_clips)

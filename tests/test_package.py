@@ -67,6 +67,8 @@ def test_install_puts_one_top_level_package(tmp_path):
     top = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin")
     assert top == ["mlx_music"]
     assert (target / "bin" / "mlx-music").exists()
+    from mlx_music import __version__
+    assert sorted(p.name for p in target.glob("*.dist-info")) == [f"mlx_music_toolkit-{__version__}.dist-info"]
     for sub in ("converters", "runtime", "models", "manifests", "eval"):
         assert (target / "mlx_music" / sub / "__init__.py").is_file(), sub
     shipped = sorted(p.name for p in (target / "mlx_music" / "manifests").glob("*.toml"))
@@ -80,3 +82,57 @@ def test_import_contracts_hold():
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout
+
+
+def _cli_without(blocked: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    """`mlx-music ARGS` in a fresh interpreter where the top-level modules `blocked` are absent
+    (their imports fail as an uninstalled package's would)."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {blocked!r}:\n"
+            "            raise ModuleNotFoundError('No module named ' + repr(name), name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from mlx_music.cli import main\n"
+            f"sys.argv = ['mlx-music', *{list(args)!r}]\n"
+            "main()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+
+
+def test_parity_without_torch_names_the_extra_in_one_line(tmp_path):
+    """A plain install (no torch / transformers): one line naming the extra, exit 2 (1 means
+    "parity failed")."""
+    tiny = ROOT / "tests" / "data" / "tiny-musicgen-stereo"
+    for blocked, missing in ((("torch", "transformers"), "torch"), (("transformers",), "transformers")):
+        r = _cli_without(blocked, "parity", "--hf-path", str(tiny), "--mlx-path", str(tmp_path / "m"))
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr == (f"error: parity needs {missing}, which is not installed: "
+                            "pip install 'mlx-music-toolkit[parity]'\n")
+    # Any command whose optional import fails says which extra brings it (here: serve's fastapi).
+    r = _cli_without(("fastapi",), "serve", "--model", str(tmp_path / "m"))
+    assert r.returncode != 0 and "pip install 'mlx-music-toolkit[serve]'" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_version_and_distribution_name():
+    """`mlx-music --version`, the installed metadata and the package all say the same version, and
+    the distribution is the one named in every install hint."""
+    import importlib.metadata
+    import re
+
+    from mlx_music import __version__
+    from mlx_music._meta import DISTRIBUTION
+
+    r = subprocess.run([str(Path(sys.executable).with_name("mlx-music")), "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"mlx-music, version {__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+    assert importlib.metadata.version(DISTRIBUTION) == __version__
+    # The other "mlx-music" on the package index is someone else's project: no hint may name it.
+    stale = []
+    for path in [ROOT / "README.md", ROOT / "pyproject.toml", *ROOT.glob("notes/*.md"), *ROOT.glob("scripts/*"),
+                 *[p for d in ("mlx_music", "converters", "runtime", "mlx_models") for p in (ROOT / d).rglob("*.py")]]:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            stale += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"install[^\n]{0,40}\bmlx-music\b(?!-toolkit)[^\n]{0,30}", text)]
+    assert stale == []

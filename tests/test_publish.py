@@ -56,7 +56,7 @@ def test_model_card_full():
     assert meta["base_model"] == "facebook/musicgen-stereo-melody" and meta["license"] == "cc-by-nc-4.0"
     assert meta["base_model_relation"] == "quantized"
     assert set(meta["tags"]) >= {"mlx", "musicgen", "text-to-audio", "stereo", "melody", "4-bit"}
-    assert "pip install mlx-music" in card
+    assert "pip install mlx-music-toolkit\n" in card
     assert 'mlx-music generate --model me/musicgen-stereo-melody-4bit-mlx --prompt "' in card
     assert 'model = load("me/musicgen-stereo-melody-4bit-mlx")' in card
     assert "from mlx_music import load" in card and "result = model.generate([" in card and "duration=10)" in card

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from mlx_music._meta import pip_hint
 from mlx_music.models.musicgen_decoder import float_weight
 from mlx_music.runtime.delay_pattern import apply_pattern, build_pattern
 
@@ -147,7 +148,7 @@ def _convert_reference(source: str, tmp: Path) -> Path:
         from mlx_music.converters.convert import convert_checkpoint  # needs torch only for .bin sources
     except ImportError as e:  # pragma: no cover - converter extras missing
         raise ValueError(f"--reference {source}: a transformers reference needs the converter "
-                         f"extras (pip install 'mlx-music[convert]'): {e}") from None
+                         f"extras ({pip_hint('convert')}): {e}") from None
     out = tmp / "reference-fp32"
     convert_checkpoint(source, out, dtype="float32", progress=False)
     return out
