@@ -567,19 +567,31 @@ class MusicgenDecoder(nn.Module):
         offsets = (mx.arange(self.args.num_codebooks, dtype=codes.dtype) * rows)[None, :, None]
         return self.embed(codes + offsets).sum(axis=1)
 
-    def logits(self, hidden: mx.array) -> mx.array:
-        """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab); one matmul."""
+    def logits(self, hidden: mx.array, codebook: int | None = None) -> mx.array:
+        """Final-norm'd hidden states (B, T, h) -> logits (B, K, T, vocab); one matmul.
+        ``codebook`` k: only that head's logits, (B, 1, T, vocab) (MAGNeT predicts one level)."""
         B, T, _ = hidden.shape
+        if codebook is not None:
+            v = self.args.vocab_size
+            head = _new_like("linear", _quant_key(self.lm_head))
+            for name in _ROWS:
+                if name in self.lm_head:
+                    head[name] = self.lm_head[name][codebook * v:(codebook + 1) * v]
+            return _linear(head, hidden)[:, None]
         out = _linear(self.lm_head, hidden).reshape(B, T, self.args.num_codebooks, self.args.vocab_size)
         return out.transpose(0, 2, 1, 3)
 
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,
                  encoder_states: mx.array | None = None, encoder_mask: mx.array | None = None,
-                 prefix: mx.array | None = None) -> mx.array:
+                 prefix: mx.array | None = None, attention_mask: mx.array | str | None = "causal",
+                 codebook: int | None = None) -> mx.array:
         """Run the decoder on codes (B, K, T) and return logits (B, K, T, vocab) for those codes.
 
         Without a cache this is a plain causal forward over `[prefix, codes]` from position 0;
         cross-attention then uses `encoder_states` (B, S, h) / `encoder_mask` (B, S) directly.
+        `attention_mask` replaces the causal self-attention mask there: None attends everywhere,
+        a (T, T) bool array (True = visible) restricts it (MAGNeT's stage masks). `codebook` k
+        returns only that head's logits (B, 1, T, vocab).
 
         With a cache, the inputs occupy positions offset .. offset+P+T-1 (P = prefix length, 0
         unless given): their keys/values are written into the cache, every query attends to all
@@ -602,7 +614,7 @@ class MusicgenDecoder(nn.Module):
         self_mask: mx.array | str | None = None
         if cache is None:
             positions = mx.arange(L)
-            self_mask = "causal" if L > 1 else None
+            self_mask = None if isinstance(attention_mask, str) and L == 1 else attention_mask
             layer_caches: list[KVCache | None] = [None] * len(self.layers)
         else:
             positions = cache.offset + mx.arange(L)
@@ -626,7 +638,7 @@ class MusicgenDecoder(nn.Module):
             x = self.layer_norm(x[:, P:] + d[:, P:])
         else:
             x = _norm(ln, x, d)[1]
-        return self.logits(x)
+        return self.logits(x, codebook)
 
     def _positions(self, positions: mx.array, L: int, cache: DecoderCache | None, dtype: mx.Dtype) -> mx.array:
         """Sinusoidal embeddings (L, h) of `positions` in `dtype`. A decode step (L == 1) gathers

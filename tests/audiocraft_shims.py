@@ -1,7 +1,9 @@
 """Import shims that let audiocraft 1.3.0 run on CPU next to torch 2.13 (test and parity use only).
 
 * xformers: audiocraft imports it at module level and checks two names; its torch attention
-  backend is what runs (``unbind`` = torch.unbind, an empty ``LowerTriangularMask``).
+  backend is what runs for MusicGen (``unbind`` = torch.unbind, an empty ``LowerTriangularMask``).
+  MAGNeT's loader switches to the xformers backend, so ``memory_efficient_attention`` computes
+  softmax(q k^T / sqrt(d) + bias) v (the stage masks are that bias).
 * torchaudio: tests/torchaudio_shim.py (the Spectrogram and resample the chroma path uses); every
   other name is a stub that raises if it is ever constructed (losses, metrics: unused here).
 * spacy: imported by the conditioners module, used only by text normalisation (off in MusicGen).
@@ -40,13 +42,23 @@ def _xformers() -> None:
     ops = types.ModuleType("xformers.ops")
     ops.unbind = torch.unbind
 
-    class LowerTriangularMask:  # only referenced; the torch attention backend is used
+    class LowerTriangularMask:  # the causal bias MusicGen passes under the xformers backend
         pass
 
     ops.LowerTriangularMask = LowerTriangularMask
 
-    def memory_efficient_attention(*a, **k):  # imported by a compatibility check, never called
-        raise RuntimeError("xformers shim: use audiocraft's torch attention backend")
+    def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
+        """softmax(q k^T / sqrt(d) + bias) v on [B, T, H, D] inputs. MAGNeT's loader switches
+        audiocraft to this backend: with torch's own, its stage masks silently become causal."""
+        assert p == 0.0, "xformers shim: no attention dropout"
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+        scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if isinstance(attn_bias, LowerTriangularMask):
+            t, s = scores.shape[-2:]
+            scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool).tril(s - t), float("-inf"))
+        elif attn_bias is not None:
+            scores = scores + attn_bias
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
 
     ops.memory_efficient_attention = memory_efficient_attention
     xf.ops = ops
