@@ -279,13 +279,19 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
              continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet,
              adapter):
     """Generate music from text (and a melody or an audio prompt) with an MLX checkpoint."""
+    import dataclasses
     import math
     import time
 
     from mlx_music.runtime import load, save_audio
+    from mlx_music.runtime.audio_io import generation_tags
+    from mlx_music.runtime.sampling import SamplingConfig, check_seed, derive_seed, random_seed
 
     if not math.isfinite(duration) or duration <= 0:
         raise ValueError(f"--duration {duration}: must be a positive number of seconds")
+    seed = check_seed(seed, "--seed")  # before the model loads
+    # without --seed: a random one, printed and recorded in the files, so a result can be redone
+    given_seed, seed = seed is not None, random_seed() if seed is None else seed
     paths = _output_paths(out, len(prompts))
     if stream and len(prompts) > 1:
         raise click.UsageError("--stream writes one file: give a single --prompt")
@@ -306,8 +312,8 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 
         click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.1f} s; BLAS: {blas_info()['blas']}", err=True)
     pipe.compile_step = not no_compile
-    kwargs = dict(seed=seed, guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p,
-                  greedy=greedy, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride)
+    sampling = dict(guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    kwargs = dict(seed=seed, **sampling, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride)
     try:
         if stream:
             chunks = pipe.stream(list(prompts), duration, chunk_seconds=chunk_seconds, **kwargs)
@@ -315,10 +321,21 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
             result = pipe.generate(list(prompts), duration, progress=not quiet, **kwargs)
     except ValueError as e:
         raise _as_flags(e) from None
+    if not given_seed:
+        click.echo(f"seed {seed} (pass --seed {seed} for the same audio again)", err=True)
+    # What each file records in its metadata (a comment tag): enough to make it again.
+    made = {"duration": duration, "model": model_path,
+            "settings": dataclasses.asdict(SamplingConfig.from_defaults(pipe.defaults, **sampling)),
+            **{k: v for k, v in (("melody", melody), ("audio_prompt", continue_from), ("extend_stride", extend_stride),
+                                 ("adapter", adapter)) if v is not None}}
+
+    def tags(i: int) -> dict:
+        return generation_tags({"seed": derive_seed(seed, i), "prompt": prompts[i], **made})
+
     if stream:
         from mlx_music.runtime.audio_io import ProgressiveWavWriter
 
-        writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels)  # after argument checks
+        writer = ProgressiveWavWriter(paths[0], pipe.sample_rate, pipe.audio_channels, tags=tags(0))
         try:
             for chunk in chunks:
                 writer.write(chunk.audio[0])
@@ -328,15 +345,17 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
                                f"({st.first_audio_steps} steps)", err=True)
         finally:
             writer.close()
-        click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch)")
+        click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch, "
+                   f"seed {seed})")
         return
     if verbose:
         st = result.stats
         click.echo(f"{st.steps} steps in {st.seconds:.2f} s: {st.steps_per_s:.1f} steps/s "
                    f"({st.steps_per_s / pipe.frame_rate:.2f}x real time)", err=True)
-    for path, a in zip(paths, result.audio):
-        save_audio(path, a, result.sample_rate)
-        click.echo(f"wrote {path} ({a.shape[-1] / result.sample_rate:.2f} s, {a.shape[0]} ch, {result.sample_rate} Hz)")
+    for i, (path, a) in enumerate(zip(paths, result.audio)):
+        save_audio(path, a, result.sample_rate, tags=tags(i))
+        click.echo(f"wrote {path} ({a.shape[-1] / result.sample_rate:.2f} s, {a.shape[0]} ch, {result.sample_rate} Hz, "
+                   f"seed {result.seeds[i]})")
 
 
 @main.command()

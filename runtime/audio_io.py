@@ -12,8 +12,10 @@ for in-memory input) so the CLI can print it as is.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,6 +28,7 @@ __all__ = [
     "ProgressiveWavWriter",
     "SUPPORTED_OUTPUT_EXTENSIONS",
     "audio_bytes",
+    "generation_tags",
     "load_audio_input",
     "pcm_bytes",
     "read_audio",
@@ -237,34 +240,78 @@ def _ready_for_subtype(arr: np.ndarray, subtype: str) -> np.ndarray:
     return np.ascontiguousarray(arr.T, dtype=np.float32)
 
 
-def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str | None = None) -> Path:
+# libsndfile silently drops every INFO string of a WAV whose strings pass about 2 KB in all.
+_MAX_TAG_BYTES = 1800
+_TAG_NAMES = ("title", "copyright", "software", "artist", "comment", "date", "album", "license",
+              "tracknumber", "genre")
+
+
+def generation_tags(info: Mapping[str, Any]) -> dict[str, str]:
+    """File tags recording how a clip was made: ``comment`` = ``info`` as one line of JSON
+    (seed, prompt, duration, settings, model, ...), ``software`` = mlx-music.
+
+    Read back with ``json.loads(soundfile.SoundFile(path).comment)``. The JSON is ASCII
+    (``\\uXXXX`` escapes) and at most about 1.8 KB, so libsndfile keeps it in a WAV's INFO
+    chunk: a longer ``prompt`` is shortened and ``"prompt_truncated": true`` added."""
+    info = dict(info)
+    text = json.dumps(info, ensure_ascii=True, separators=(",", ":"))
+    prompt = info.get("prompt")
+    if len(text) > _MAX_TAG_BYTES and isinstance(prompt, str):
+        info["prompt_truncated"] = True
+        keep = len(prompt)
+        while keep > 0:
+            keep = max(0, keep - max(1, (len(text) - _MAX_TAG_BYTES) // 6 + 1))
+            info["prompt"] = prompt[:keep]
+            text = json.dumps(info, ensure_ascii=True, separators=(",", ":"))
+            if len(text) <= _MAX_TAG_BYTES:
+                break
+    return {"comment": text, "software": "mlx-music"}
+
+
+def _set_tags(f: sf.SoundFile, tags: Mapping[str, str] | None, source: str | os.PathLike[str]) -> None:
+    """Tags set before the first sample is written (OGG needs them there)."""
+    for name, value in (tags or {}).items():
+        if name not in _TAG_NAMES or not isinstance(value, str):
+            raise AudioInputError(source, f"tag {name!r}: expected one of {', '.join(_TAG_NAMES)} with a string value")
+        setattr(f, name, value)
+
+
+def save_audio(path: str | os.PathLike[str], audio: Any, sr: int, subtype: str | None = None,
+               tags: Mapping[str, str] | None = None) -> Path:
     """Write ``[C, S]`` or ``[S]`` audio; format from the extension (.wav/.flac/.ogg).
 
     Default sample format: 16-bit PCM for WAV/FLAC, Vorbis for OGG. Samples are
     clipped to [-1, 1] for integer formats because libsndfile would otherwise
-    wrap loud peaks around to the opposite sign.
+    wrap loud peaks around to the opposite sign. ``tags``: soundfile string fields
+    (``comment``, ``title``, ...), e.g. `generation_tags`; the samples do not depend on them.
     """
     path = Path(path)
     fmt, default_subtype = _check_output_path(path, SUPPORTED_OUTPUT_EXTENSIONS)
     subtype = subtype or default_subtype
     arr = _prepare_output(audio, str(path))
     try:
-        sf.write(str(path), _ready_for_subtype(arr, subtype), int(sr), format=fmt, subtype=subtype)
+        with sf.SoundFile(str(path), "w", int(sr), arr.shape[0], subtype=subtype, format=fmt) as f:
+            _set_tags(f, tags, path)
+            f.write(_ready_for_subtype(arr, subtype))
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
+        if isinstance(err, AudioInputError):
+            raise
         raise AudioInputError(path, f"cannot write audio ({err})") from None
     return path
 
 
-def audio_bytes(audio: Any, sr: int, fmt: str = "wav") -> bytes:
+def audio_bytes(audio: Any, sr: int, fmt: str = "wav", tags: Mapping[str, str] | None = None) -> bytes:
     """A whole ``[C, S]`` clip as the bytes of a 16-bit ``wav`` or ``flac`` file, exactly what
-    `save_audio` writes to a ``.wav`` / ``.flac`` path (same libsndfile conversion)."""
+    `save_audio` writes to a ``.wav`` / ``.flac`` path (same libsndfile conversion, same ``tags``)."""
     ext = "." + str(fmt).lower()
     if ext not in (".wav", ".flac"):
         raise AudioInputError("<memory>", f"unsupported format {fmt!r}; use wav or flac")
     container, subtype = SUPPORTED_OUTPUT_EXTENSIONS[ext]
     arr = _prepare_output(audio, "<memory>")
     buf = io.BytesIO()
-    sf.write(buf, _ready_for_subtype(arr, subtype), int(sr), format=container, subtype=subtype)
+    with sf.SoundFile(buf, "w", int(sr), arr.shape[0], subtype=subtype, format=container) as f:
+        _set_tags(f, tags, "<memory>")
+        f.write(_ready_for_subtype(arr, subtype))
     return buf.getvalue()
 
 
@@ -321,7 +368,8 @@ class ProgressiveWavWriter:
 
     _SUBTYPES = {"PCM_16": (1, 2), "FLOAT": (3, 4)}  # format tag, bytes per sample
 
-    def __init__(self, path: str | os.PathLike[str], sr: int, channels: int, subtype: str = "PCM_16") -> None:
+    def __init__(self, path: str | os.PathLike[str], sr: int, channels: int, subtype: str = "PCM_16",
+                 tags: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
         _check_output_path(self.path, {".wav": ("WAV", subtype)})
         if subtype not in self._SUBTYPES:
@@ -340,8 +388,11 @@ class ProgressiveWavWriter:
                 self._sf = sf.SoundFile(str(self.path), "w", self.sr, self.channels, subtype=subtype, format="WAV")
             except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
                 raise AudioInputError(self.path, f"cannot write audio ({err})") from None
+            _set_tags(self._sf, tags, self.path)  # `save_audio`'s tags, kept through every flush
             self._sf.flush()
         else:
+            if tags:
+                raise AudioInputError(self.path, "tags need the PCM_16 subtype")
             self._fh = open(self.path, "wb")
             self._write_header()
 

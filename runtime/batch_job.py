@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 from mlx_music.runtime.checkpoint import RECORD
 from mlx_music.runtime.checksums import sha256_file
+from mlx_music.runtime.sampling import check_seed
 
 SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
 KEYS = ("id", "prompt", "duration", "seed", "melody", "audio_prompt", *SETTINGS)
@@ -159,11 +160,8 @@ def _parse_row(row: PromptRow, data: Any, csv_row: bool) -> None:
         if not math.isfinite(d) or d <= 0:
             raise ValueError(f"duration {data['duration']!r}: must be a positive number of seconds")
         row.duration = d
-        if "seed" in data:
-            s = int(_number("seed", data["seed"], integer=True))
-            if not 0 <= s < 2**63:
-                raise ValueError(f"seed {s}: must be in [0, 2**63)")
-            row.seed = s
+        if "seed" in data:  # the one seed range of every entry point (sampling.check_seed)
+            row.seed = check_seed(int(_number("seed", data["seed"], integer=True)))
         else:
             row.seed = row.number
         for key in ("melody", "audio_prompt"):
@@ -464,7 +462,9 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
                 if isinstance(result, str):
                     record(_failed(row, model_name, model_sha, fmt, result))
                     continue
-                sha, samples = _write_audio(out / req["file"], result, pipe.sample_rate, ranks.rank)
+                made = {k: req[k] for k in ("id", "seed", "prompt", "duration", "settings", "model", "melody",
+                                            "audio_prompt") if req[k] is not None}
+                sha, samples = _write_audio(out / req["file"], result, pipe.sample_rate, ranks.rank, made)
                 record({**req, "sha256": sha, "samples": samples, "sample_rate": pipe.sample_rate,
                         "channels": int(result.shape[0]), "status": "ok"})
                 summary.generated += 1
@@ -538,13 +538,14 @@ def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
     return out
 
 
-def _write_audio(path: Path, audio: Any, sr: int, rank: int) -> tuple[str, int]:
-    """Write under a temporary name in the same folder, hash it, rename into place."""
-    from mlx_music.runtime.audio_io import save_audio
+def _write_audio(path: Path, audio: Any, sr: int, rank: int, made: dict) -> tuple[str, int]:
+    """Write under a temporary name in the same folder (``made``, the row's seed and settings, in
+    its metadata), hash it, rename into place."""
+    from mlx_music.runtime.audio_io import generation_tags, save_audio
 
     tmp = path.with_name(f"{TEMP_PREFIX}{rank}-{os.getpid()}-{path.name}")
     try:
-        save_audio(tmp, audio, sr)
+        save_audio(tmp, audio, sr, tags=generation_tags(made))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         sha = sha256_file(tmp)

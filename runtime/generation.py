@@ -13,7 +13,7 @@ codes:
 
 A row gives the same codes alone or in a batch: its pattern ends where its own would (later
 positions are forced pad), its keys come from its own seed (window w uses ``seed + w``, as
-before), and conditioning is computed per row.
+before, modulo 2**32: `sampling.derive_seed`), and conditioning is computed per row.
 
 With MusicGen's delay pattern, codebook level d of frame f is sampled at position 1 + d + f of
 its window, so frame f is final (all codebooks known) once position f + 1 + max_delay is done;
@@ -31,7 +31,7 @@ import numpy as np
 
 from mlx_music.runtime.conditioning import AudioInput
 from mlx_music.runtime.delay_pattern import build_pattern, codebook_delays
-from mlx_music.runtime.sampling import RowSampling, SamplingConfig, row_keys
+from mlx_music.runtime.sampling import RowSampling, SamplingConfig, derive_seed, row_keys
 
 # The window MusicGen was trained on and generates in one pass (longer audio slides it); written
 # to config.json["generation"]["max_duration"] by the converter, from here.
@@ -183,7 +183,7 @@ class FrameGenerator:
                 continue  # nothing to sample (a prompt of a window or more)
             cond = pipe.conditioner.window(text, melodies, cfg, w.start, self.window, whole)
             loop = pipe.token_loop(len(self.rows), cond, pattern.shape[-1], self.sampling)
-            keys = row_keys([r.seed + w.index for r in self.rows])
+            keys = row_keys([derive_seed(r.seed, w.index) for r in self.rows])
             for pos, tok, keys in loop.run(cond, pattern, self.sampling, keys):
                 self._pending.append(tok)
                 self.steps += 1

@@ -27,7 +27,7 @@ from mlx_music.runtime.audio_io import load_audio_input
 from mlx_music.runtime.codec import Codec
 from mlx_music.runtime.conditioning import AudioInput, Conditioner, melody_waveform
 from mlx_music.runtime.generation import MAX_DURATION, FrameGenerator, Request, Row, resolve_stride
-from mlx_music.runtime.sampling import RowSampling, SamplingConfig
+from mlx_music.runtime.sampling import RowSampling, SamplingConfig, check_seed, derive_seed, random_seed
 from mlx_music.runtime.text import TextTokenizer
 from mlx_music.runtime.token_loop import Conditioning, TokenLoop, prefix_length
 
@@ -116,7 +116,10 @@ class MusicGenPipeline:
     # -------------------------------------------------------------- requests
     def requests(self, prompts: str | Sequence[str], duration: float = 10.0, *, seed: int | None = None,
                  **settings: Any) -> list[Request]:
-        """Prompts and shared settings → one `Request` per prompt; row i gets ``seed + i``."""
+        """Prompts and shared settings → one `Request` per prompt; row i gets ``seed + i`` (mod 2**32).
+
+        ``seed`` in [0, 2**32 - 1] (`sampling.check_seed`); None picks one at random for the call.
+        Raises ValueError naming the parameter."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts: give at least one prompt (a string, or a list of strings)")
@@ -125,9 +128,9 @@ class MusicGenPipeline:
             (melody if isinstance(melody, list) else [melody]) * len(prompts)
         if len(melodies) != len(prompts):
             raise ValueError(f"melody: got {len(melodies)} melodies for {len(prompts)} prompts")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed {seed!r}: must be an integer")
-        return [Request(p, duration, None if seed is None else int(seed) + i, melody=m, **settings)
+        seed = check_seed(seed)
+        seed = random_seed() if seed is None else seed
+        return [Request(p, duration, derive_seed(seed, i), melody=m, **settings)
                 for i, (p, m) in enumerate(zip(prompts, melodies))]
 
     def resolve(self, req: Request) -> Row:
@@ -144,13 +147,15 @@ class MusicGenPipeline:
                 raise ValueError("melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
             melody = melody_waveform(req.melody, int(self.config["melody"]["sampling_rate"]))
         codes = self.encode_audio(req.audio_prompt) if req.audio_prompt is not None else None
-        seed = int(np.random.randint(0, 2**31 - 1)) if req.seed is None else int(req.seed)
+        seed = random_seed() if req.seed is None else check_seed(req.seed)
         return Row(req.prompt, max(1, round(d * self.frame_rate)), seed, sampling, melody, codes)
 
     def frames(self, requests: Sequence[Request], extend_stride: float | None = None) -> FrameGenerator:
         """The frame generator of a batch of requests (see `FrameGenerator`)."""
         if not requests:
             raise ValueError("prompts: give at least one prompt")
+        for r in requests:  # cheap checks of every row before any row's audio is decoded
+            check_seed(r.seed)
         rows = [self.resolve(r) for r in requests]
         window = self.max_frames
         longest = max(r.frames for r in rows)

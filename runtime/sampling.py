@@ -30,6 +30,39 @@ DEFAULTS: Mapping[str, Any] = {"guidance_scale": 3.0, "temperature": 1.0, "top_k
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
+# The one seed range, [0, 2**32 - 1], everywhere (API, CLI, batch rows, server): what every
+# language and JSON parser holds exactly, and numpy's range. Derived seeds (row ``seed + i``,
+# window ``seed + w``) wrap modulo 2**32 (`derive_seed`), so they never leave it. -1 is refused
+# (leave the seed out for a random one).
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """``seed`` as an int in [0, SEED_MAX], or None (a random seed is chosen later).
+
+    Call it before any work (model load, audio decoding). Raises ValueError starting with
+    ``name`` (the API parameter, a CLI flag, a batch key) for anything else: -1, a bool, a float,
+    a string, a number outside the range."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= int(seed) <= SEED_MAX:
+        raise ValueError(f"{name} {seed!r}: must be an integer in [0, {SEED_MAX}] "
+                         "(leave it out for a random seed)")
+    return int(seed)
+
+
+def derive_seed(seed: int, offset: int) -> int:
+    """The seed of row/window ``offset`` of a request seeded ``seed``: (seed + offset) mod 2**32."""
+    return (int(seed) + int(offset)) % (SEED_MAX + 1)
+
+
+def random_seed() -> int:
+    """A fresh seed in [0, SEED_MAX] (from the OS, not numpy's global state)."""
+    import secrets
+
+    return secrets.randbelow(SEED_MAX + 1)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -169,5 +202,5 @@ def select_tokens(logits: mx.array, rs: RowSampling, keys: mx.array) -> tuple[mx
 
 
 def row_keys(seeds: Sequence[int]) -> mx.array:
-    """(B, 2) uint32 keys, one per row seed."""
+    """(B, 2) uint32 keys, one per row seed (each in [0, SEED_MAX]; see `check_seed`)."""
     return mx.stack([mx.random.key(int(s)) for s in seeds])

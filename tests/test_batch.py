@@ -311,3 +311,27 @@ def test_a_killed_rank_leaves_its_rows_to_the_resume(tmp_path, model, cli_refere
     log = cli_batch(prompts, model, out, 4)  # resumed by one process
     assert f"8 rows: 8 ok ({len(finished)} done earlier), 0 failed" in log, log
     check_complete(out, IDS, model, cli_reference[1])  # no truncated, duplicated or temporary file left
+
+
+# ------------------------------------------------------------------------- issue 22: seeds
+def test_row_seeds_use_the_one_range_and_files_record_them(tmp_path, pipe, model):
+    """Row seeds are checked like every seed ([0, 2**32 - 1], `sampling.check_seed`); each file
+    records its seed and settings in its metadata (a comment tag), as the manifest does."""
+    rows = [{"id": "top", "prompt": "x", "duration": 0.1, "seed": 2**32 - 1},
+            {"id": "neg", "prompt": "x", "duration": 0.1, "seed": -1},
+            {"id": "big", "prompt": "x", "duration": 0.1, "seed": 2**32},
+            {"id": "huge", "prompt": "x", "duration": 0.1, "seed": 18446744073709551615},
+            {"id": "def", "prompt": "y", "duration": 0.1, "top_k": 7}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    s = run_batch(prompts, pipe, tmp_path / "out", batch_size=4, progress=False, model_name=str(model))
+    got = {e["id"]: (e["status"], e.get("reason")) for e in manifest(tmp_path / "out")}
+    why = "must be an integer in [0, 4294967295] (leave it out for a random seed)"
+    assert got == {"top": ("ok", None), "neg": ("failed", f"seed -1: {why}"), "big": ("failed", f"seed 4294967296: {why}"),
+                   "huge": ("failed", f"seed 18446744073709551615: {why}"), "def": ("ok", None)}
+    assert (s.ok, s.failed) == (2, 3)
+    for e in manifest(tmp_path / "out"):
+        if e["status"] == "ok":
+            tags = json.loads(sf.SoundFile(str(tmp_path / "out" / e["file"])).comment)
+            assert tags == {"seed": e["seed"], "prompt": e["prompt"], "duration": e["duration"],
+                            "settings": e["settings"], "model": str(model), "id": e["id"]}
+    assert manifest(tmp_path / "out")[-1]["seed"] == 5 and manifest(tmp_path / "out")[-1]["settings"]["top_k"] == 7
