@@ -12,6 +12,10 @@ This is dynamic batching, not continuous batching: a job that arrives while a ba
 for the next batch. A cancelled job (client gone, or Cancel) stops receiving audio at once; when
 every row of a running batch is cancelled or finished, the batch stops at the next chunk.
 
+A row's failure is its own: each row's inputs are resolved alone (`MusicGenPipeline.resolve`)
+before it joins a batch, and a batch that still fails before its first audio is run again row by
+row, so only the row at fault fails (400/422 for its input, 500 naming its own error otherwise).
+
 Audio reaches the event loop as float32 chunks appended to `Job.chunks`; the worker wakes the
 job's listeners with ``loop.call_soon_threadsafe``.
 """
@@ -29,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_music.runtime.audio_io import AudioInputError
 from mlx_music.runtime.generation import Request
 
 log = logging.getLogger("mlx_music.server")
@@ -57,9 +62,10 @@ class Job:
     samples: int = 0
     state: str = "queued"
     error: str | None = None
-    error_is_input: bool = False  # the request was at fault (4xx), not the server (5xx)
+    error_status: int = 500  # HTTP status of ``error``: 400/422 when the request was at fault
     arrived: float = field(default_factory=time.monotonic)
-    listeners: int = 0
+    listeners: int = 0  # open streams and downloads of this job
+    format: str = "wav"  # the file format asked for (POST /v1/generate)
     _loop: asyncio.AbstractEventLoop | None = None
     _changed: asyncio.Event | None = None
 
@@ -74,6 +80,11 @@ class Job:
         shortest prompt, which rounds differently; equal lengths keep every row bit-identical)."""
         ap = self.request.audio_prompt
         return (self.model, None if ap is None else (int(np.shape(ap[0])[-1]), int(ap[1])))
+
+    @property
+    def error_is_input(self) -> bool:
+        """The request was at fault (4xx), not the server (5xx)."""
+        return self.error_status < 500
 
     @property
     def finished(self) -> bool:
@@ -132,10 +143,19 @@ class Job:
             self.state = "done"
         self._notify()
 
-    def _fail(self, message: str, input_error: bool) -> None:
+    def _fail(self, message: str, status: int) -> None:
         if not self.finished:
-            self.state, self.error, self.error_is_input = "error", message, input_error
+            self.state, self.error, self.error_status = "error", " ".join(str(message).split()), status
             self._notify()
+
+
+def _row_error(err: Exception) -> tuple[str, int]:
+    """A row's exception → (one-line message, HTTP status): its input's fault or its own 500."""
+    if isinstance(err, AudioInputError):
+        return str(err), 400
+    if isinstance(err, ValueError):
+        return str(err), 422
+    return f"generation failed: {type(err).__name__}: {err}", 500
 
 
 class Batcher:
@@ -149,9 +169,11 @@ class Batcher:
         self.max_queue = max(1, int(max_queue))
         self.chunk_seconds = float(chunk_seconds)
         self._pending: deque[Job] = deque()
+        self._reserved = 0  # places held by requests still decoding their uploads
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._idle = threading.Event()  # set once the worker has left its loop (no more MLX work)
         self.history: list[dict[str, Any]] = []  # every batch run: rows, complete, seconds (tests, benchmarks)
         self._recent: deque[float] = deque(maxlen=16)  # seconds per batch, for Retry-After
         self.running: list[Job] = []  # the batch being decoded
@@ -160,19 +182,38 @@ class Batcher:
     def start(self) -> None:
         if self._thread is None:
             self._stop = False
+            self._idle.clear()
             self._thread = threading.Thread(target=self._run, name="mlx-music-batcher", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 300.0) -> bool:
+        """Cancel every waiting and running job and wait until the worker has left its loop.
+
+        The worker thread itself is parked, not ended: a thread that ran MLX work runs MLX's
+        thread-local clean-up when it exits, and if that races the interpreter's finalization the
+        process aborts (``terminate called without an active exception``, exit 134). Parked on an
+        event it holds no work and ends with the process. False if the worker did not stop in
+        ``timeout`` seconds (a batch stops at its next chunk)."""
+        self.cancel_all()
         with self._cv:
             self._stop = True
-            for job in self._pending:
-                job.cancel()
-            self._pending.clear()
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        if self._thread is None:
+            return True
+        stopped = self._idle.wait(timeout)
+        if stopped:
             self._thread = None
+        else:
+            log.error("the batch worker did not stop within %.0f s", timeout)
+        return stopped
+
+    def cancel_all(self) -> None:
+        """Cancel every waiting and running job (any thread; shutdown)."""
+        with self._cv:
+            jobs = list(self._pending) + list(self.running)
+            self._pending.clear()
+        for job in jobs:
+            job.cancel()
 
     @property
     def waiting(self) -> int:
@@ -187,13 +228,33 @@ class Batcher:
             time.sleep(0.01)
         return True
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise `QueueFull`."""
+    def retry_after(self, ahead: int | None = None) -> int:
+        """Seconds until about ``ahead`` waiting jobs (default: the queue) have run, at least 1."""
+        per_batch = sum(self._recent) / len(self._recent) if self._recent else 1.0
+        batches = -(-(len(self._pending) if ahead is None else ahead) // self.max_batch)
+        return max(1, round(per_batch * max(1, batches)))
+
+    def reserve(self) -> None:
+        """Hold a place in the queue before a request decodes its uploads, or raise `QueueFull`.
+        Give it back with `submit(job, reserved=True)` or `release`."""
         with self._cv:
-            if len(self._pending) >= self.max_queue:
-                per_batch = sum(self._recent) / len(self._recent) if self._recent else 1.0
-                batches_ahead = -(-len(self._pending) // self.max_batch)
-                raise QueueFull(max(1, round(per_batch * batches_ahead)))
+            if len(self._pending) + self._reserved >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._reserved += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self._reserved = max(0, self._reserved - 1)
+
+    def submit(self, job: Job, reserved: bool = False) -> None:
+        """Queue a job (in the place `reserve` held when ``reserved``), or raise `QueueFull`."""
+        with self._cv:
+            if reserved:
+                self._reserved = max(0, self._reserved - 1)
+            elif len(self._pending) + self._reserved >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            if self._stop:
+                raise QueueFull(self.retry_after())
             job.arrived = time.monotonic()
             self._pending.append(job)
             self._cv.notify_all()
@@ -220,47 +281,89 @@ class Batcher:
                 self._cv.wait(left)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.running = []
+            self._idle.set()
+        threading.Event().wait()  # parked for good: see `stop`
+
+    def _loop(self) -> None:
         while True:
             jobs = self._take_batch()
             if not jobs:
                 return
             t0 = time.monotonic()
             try:
-                self._run_batch(jobs)
+                self._run_batch(self._checked(jobs))
             except Exception as err:  # never let the worker die; the rows report the failure
-                log.exception("batch failed")
+                log.error("batch failed: %s: %s", type(err).__name__, " ".join(str(err).split()))
                 for j in jobs:
-                    j._fail(f"generation failed: {type(err).__name__}: {err}", input_error=False)
+                    j._fail(f"generation failed: {type(err).__name__}: {err}", 500)
             self._recent.append(time.monotonic() - t0)
             self.history.append({"rows": len(jobs), "seconds": time.monotonic() - t0,
                                  "complete": all(j.state == "done" for j in jobs),
                                  "states": [j.state for j in jobs], "samples": [j.samples for j in jobs],
-                                 "total_samples": [j.total_samples for j in jobs]})
-            self.running = []
+                                 "total_samples": [j.total_samples for j in jobs],
+                                 "errors": [j.error for j in jobs]})
+            with self._cv:
+                self.running = []
+
+    def _checked(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose inputs resolve alone; the others fail here, each with its own error
+        (a melody or audio prompt the runtime cannot take never reaches the batch)."""
+        ok = []
+        for j in jobs:
+            if j.finished:
+                continue
+            try:
+                self.pipes[j.model].resolve(j.request)
+            except Exception as err:
+                message, status = _row_error(err)
+                log.warning("row %s refused: %s", j.id[:8], " ".join(message.split()))
+                j._fail(message, status)
+                continue
+            ok.append(j)
+        return ok
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
         pipe = self.pipes[jobs[0].model]
         for j in jobs:
             if not j.finished:
                 j.state = "running"
                 j._notify()
+        chunks = None
+        started = False
         try:
             chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds)
-        except ValueError as err:  # a row the runtime refused: run the others without it
-            if len(jobs) > 1:
-                for j in jobs:
-                    self._run_batch([j])
-            else:
-                jobs[0]._fail(" ".join(str(err).split()), input_error=True)
-            return
-        try:
             for chunk in chunks:
+                started = True
                 for j, a in zip(jobs, chunk.audio):
                     j._push(a)
                 if all(j.finished for j in jobs):
                     break
+        except Exception as err:
+            if not started and len(jobs) > 1:  # find the row at fault: each runs alone
+                log.warning("batch of %d failed before its first audio (%s); running its rows alone",
+                            len(jobs), type(err).__name__)
+                for j in jobs:
+                    if not j.finished:
+                        j.state = "queued"
+                        self._run_batch([j])
+                return
+            message, status = _row_error(err)
+            log.error("batch of %d failed: %s", len(jobs), " ".join(message.split()))
+            for j in jobs:
+                if len(jobs) == 1:
+                    j._fail(message, status)
+                else:  # after audio was sent no row can be singled out
+                    j._fail(f"generation failed: {type(err).__name__}", 500)
+            return
         finally:
-            chunks.close()  # frees the token loop when the batch stops early
+            if chunks is not None:
+                chunks.close()  # frees the token loop when the batch stops early
         for j in jobs:
             if not j.finished:  # the runtime ended a row short: never hand out a clipped file
-                j._fail(f"generation ended after {j.samples} of {j.total_samples} samples", input_error=False)
+                j._fail(f"generation ended after {j.samples} of {j.total_samples} samples", 500)
