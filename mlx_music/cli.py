@@ -1,4 +1,4 @@
-"""`mlx-music` command line: convert, convert-all, inspect, generate, batch, parity, publish, doctor.
+"""`mlx-music` command line: convert, convert-all, inspect, generate, batch, parity, publish, train, doctor.
 
 Heavy imports happen inside commands so `mlx-music --help` is instant and the runtime commands
 work without the converter's extras (torch) installed.
@@ -91,13 +91,17 @@ def main() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-def _weight_options(fn):
-    """--dtype and the quantization options, shared by convert and convert-all."""
+def _weight_options(fn, cached: bool = False):
+    """--dtype and the quantization options, shared by convert and convert-all; with cached=True
+    (generate, batch, serve) they choose the cached conversion of an unconverted --model."""
     from mlx_music.runtime.dtypes import DTYPE_NAMES
 
     for option in reversed((
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=DTYPE_NAMES[0], show_default=True,
-                     help="Weight dtype; the manifest keeps T5, EnCodec, norms and biases in float32."),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None if cached else DTYPE_NAMES[0],
+                     show_default=not cached,
+                     help=("An unconverted --model (hub repo or folder) is converted once into the cache "
+                           "(`mlx-music cache list`) with these settings (default float32). " if cached else "")
+                     + "Weight dtype; the manifest keeps T5, EnCodec, norms and biases in float32."),
         click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder per the manifest's policy."),
         click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
                      help="Bits per weight with -q."),
@@ -107,6 +111,45 @@ def _weight_options(fn):
     )):
         fn = option(fn)
     return fn
+
+
+def _quantize_options(quantize, q_bits, q_group_size, q_recipe):
+    """-q and its options → converters.convert.QuantizeOptions, or None without -q."""
+    from mlx_music.converters.convert import QuantizeOptions
+
+    if q_recipe and not quantize:
+        raise click.UsageError("--q-recipe needs -q/--quantize")
+    return QuantizeOptions(int(q_bits), int(q_group_size), q_recipe) if quantize else None
+
+
+def _warn_quantized_on_cpu(quantization: dict | None) -> None:
+    """One warning line where a quantized checkpoint meets a CPU: MLX has no fast quantized CPU
+    kernels (benchmarks/RESULTS.md: musicgen-small q8 1.7 steps/s against 13.7 in float32)."""
+    if not quantization or not quantization.get("modules"):
+        return
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.DeviceType.cpu:
+        click.echo(f"warning: {quantization['bits']}-bit quantized weights are slow on a CPU (MLX has no fast "
+                   "quantized CPU kernels: several times slower than float32); on a CPU use float32 "
+                   "without -q", err=True)
+
+
+def _model_folder(model: str, revision: str | None, dtype: str | None, quantize, quiet: bool,
+                  warn: bool = True) -> str:
+    """--model → a local MLX checkpoint folder: an unconverted hub repo or folder is converted once
+    into the cache (converters/autoconvert.py), with a progress bar unless --quiet. warn: say here
+    when the checkpoint is quantized and the device a CPU (generate says it once the model loaded)."""
+    from mlx_music.converters.autoconvert import resolve_model
+
+    try:
+        folder = resolve_model(model, revision, dtype=dtype, quantize=quantize, progress=not quiet,
+                               log=lambda line: click.echo(line, err=True))
+    except ValueError as e:
+        raise _as_flags(e) from None
+    if warn:
+        _warn_quantized_on_cpu(json.loads((folder / "config.json").read_text()).get("quantization"))
+    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +178,9 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
             revision, force, allow_nonfinite, workers, upload_repo, quiet, adapter, source_format, text_encoder,
             codec):
     """Convert a Hugging Face MusicGen checkpoint into an MLX checkpoint folder."""
-    from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
+    from mlx_music.converters.convert import convert_checkpoint
 
-    if q_recipe and not quantize:
-        raise click.UsageError("--q-recipe needs -q/--quantize")
-    qopts = QuantizeOptions(int(q_bits), int(q_group_size), q_recipe) if quantize else None
+    qopts = _quantize_options(quantize, q_bits, q_group_size, q_recipe)
     res = convert_checkpoint(hf_path, mlx_path, variant=variant, dtype=dtype, quantize=qopts,
                              max_shard_size=max_shard_size, force=force, revision=revision,
                              allow_nonfinite=allow_nonfinite, workers=workers, progress=not quiet,
@@ -147,6 +188,7 @@ def convert(hf_path, mlx_path, variant, dtype, quantize, q_bits, q_group_size, q
     click.echo(f"wrote {res.path}: variant {res.variant or 'custom'}, {res.num_tensors} tensors, "
                f"{res.num_parameters:,} parameters, {res.total_bytes / 1e6:.1f} MB")
     if res.quantized:
+        _warn_quantized_on_cpu({"bits": qopts.bits, "modules": res.quantized})
         click.echo(f"quantized {len(res.quantized)} modules; skipped {len(res.skipped)}")
         for s in res.skipped:
             click.echo(f"  skipped {s}")
@@ -235,7 +277,8 @@ def _output_paths(out: str, n: int) -> list[str]:
 _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
           "guidance_scale": "--guidance", "greedy": "--greedy", "extend_stride": "--extend-stride",
           "melody": "--melody", "audio_prompt": "--continue-from", "seed": "--seed",
-          "chunk_seconds": "--chunk-seconds", "prompts": "--prompt", "adapter": "--adapter"}
+          "chunk_seconds": "--chunk-seconds", "prompts": "--prompt", "adapter": "--adapter",
+          "dtype": "--dtype", "quantize": "-q"}
 
 
 def _as_flags(e: ValueError) -> ValueError:
@@ -274,10 +317,11 @@ def _as_flags(e: ValueError) -> ValueError:
 @click.option("-v", "--verbose", is_flag=True, help="Print steps/s and the active BLAS.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--adapter", default=None, help="MLX LoRA adapter (from `mlx-music convert-adapter`) applied to --model.")
+@functools.partial(_weight_options, cached=True)
 @friendly_errors
 def generate(model_path, prompts, duration, out, seed, guidance, temperature, top_k, top_p, greedy, melody,
              continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet,
-             adapter):
+             adapter, dtype, quantize, q_bits, q_group_size, q_recipe):
     """Generate music from text (and a melody or an audio prompt) with an MLX checkpoint."""
     import dataclasses
     import math
@@ -302,7 +346,10 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
             raise ValueError(f"{opt} {path}: file not found")
     t0 = time.perf_counter()
     try:
-        pipe = load(model_path, revision=revision, verify=verify, adapter=adapter)
+        folder = _model_folder(model_path, revision, dtype, _quantize_options(quantize, q_bits, q_group_size, q_recipe),
+                               quiet, warn=False)
+        pipe = load(folder, verify=verify, adapter=adapter)
+        _warn_quantized_on_cpu(pipe.config.get("quantization"))
     except ValueError as e:
         if str(e).startswith("adapter"):
             raise _as_flags(e) from None
@@ -432,6 +479,57 @@ def publish(folder, repo, private, dry_run, revision, message, token):
 
 
 @main.command()
+@click.argument("data", type=click.Path())
+@click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (float, q8 or q4).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder: MLX adapter + peft/ + metrics.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Pieces per micro-batch (all ranks).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--rslora", is_flag=True, help="scale = alpha / sqrt(rank).")
+@click.option("--targets", default="q_proj,k_proj,v_proj,out_proj,fc1,fc2", show_default=True,
+              help="Comma-separated modules (also lm_heads, enc_to_dec_proj, audio_enc_to_dec_proj).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warmup steps before the cosine.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--segment", type=float, default=30.0, show_default=True, help="Seconds per training piece.")
+@click.option("--min-seconds", type=float, default=1.0, show_default=True,
+              help="Shorter trailing pieces are dropped; shorter files are an error.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True)
+@click.option("--val-every", type=int, default=100, show_default=True)
+@click.option("--save-every", type=int, default=100, show_default=True)
+@click.option("--text-dropout", type=float, default=0.3, show_default=True,
+              help="Probability a sample is trained unconditioned (keeps CFG working).")
+@click.option("--caption-from-filename", is_flag=True, help="Files without a caption use their file name.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def train(data, model_path, out, steps, batch_size, grad_accum, rank, alpha, lora_dropout, rslora, targets, lr, warmup,
+          weight_decay, clip, segment, min_seconds, val_fraction, val_every, save_every, text_dropout,
+          caption_from_filename, resume, seed, quiet):
+    """LoRA / QLoRA fine-tuning on an audiofolder (audio + metadata.jsonl/csv with captions)."""
+    from mlx_music.train.run import TrainingStopped, TrainOptions, train as run_train
+
+    opts = TrainOptions(data=data, model=model_path, out=out, steps=steps, batch_size=batch_size,
+                        grad_accum=grad_accum, rank=rank, alpha=alpha, lora_dropout=lora_dropout, rslora=rslora,
+                        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lr=lr, warmup=warmup,
+                        weight_decay=weight_decay, clip=clip, segment=segment, min_seconds=min_seconds,
+                        val_fraction=val_fraction, val_every=val_every, save_every=save_every,
+                        text_dropout=text_dropout, caption_from_filename=caption_from_filename, resume=resume,
+                        seed=seed, progress=not quiet)
+    try:
+        folder = run_train(opts)
+    except TrainingStopped as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {folder}: MLX adapter (generate --adapter {folder}) and PEFT adapter ({folder}/peft)")
+
+
+@main.command()
 @click.argument("prompts", type=click.Path())
 @click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (org/name).")
 @click.option("--out-dir", required=True, type=click.Path(), help="Folder for the audio files and results.jsonl (created).")
@@ -443,15 +541,19 @@ def publish(folder, repo, private, dry_run, revision, message, token):
 @click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
 @click.option("--verify", is_flag=True, help="Check every weight file's sha256 against the conversion record.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@functools.partial(_weight_options, cached=True)
 @friendly_errors
-def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verify, quiet):
+def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verify, quiet, dtype, quantize, q_bits,
+          q_group_size, q_recipe):
     """Generate one audio file per row of a JSONL or CSV prompts file into --out-dir, with a
     results.jsonl manifest. Resumable: a rerun redoes only rows not finished. Under `mlx.launch`
     the rows are split over the ranks. Exit 1 (from rank 0) if a row failed."""
     from mlx_music.runtime.batch_job import run_batch
 
+    model_path = _model_folder(model_path, revision, dtype, _quantize_options(quantize, q_bits, q_group_size, q_recipe),
+                               quiet)
     s = run_batch(prompts, model_path, out_dir, batch_size=batch_size, fmt=fmt, strict=strict,
-                  progress=not quiet, revision=revision, verify=verify, log=click.echo)
+                  progress=not quiet, verify=verify, log=click.echo)
     rate = f"{s.audio_seconds / s.seconds:.2f} s of audio/s" if s.seconds else "-"
     where = f"rank {s.rank}/{s.size}: " if s.size > 1 else ""
     click.echo(f"{where}generated {s.generated} rows, {s.audio_seconds:.1f} s of audio in {s.seconds:.1f} s ({rate})",
@@ -500,9 +602,10 @@ def _model_specs(specs: tuple[str, ...]) -> dict[str, str]:
               help="Finished clips of the page kept in memory for download.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn log level.")
+@functools.partial(_weight_options, cached=True)
 @friendly_errors
 def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration, max_upload_mb, chunk_seconds,
-          keep_clips, log_level):
+          keep_clips, log_level, dtype, quantize, q_bits, q_group_size, q_recipe):
     """Serve a web page and an HTTP API (OpenAPI docs at /docs) that generate with these models."""
     try:
         from mlx_music.server import ServerConfig, serve as run_server
@@ -511,9 +614,54 @@ def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration,
     cfg = ServerConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                        max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                        chunk_seconds=chunk_seconds, keep_clips=keep_clips)
-    specs = _model_specs(models)
+    qopts = _quantize_options(quantize, q_bits, q_group_size, q_recipe)
+    # The server takes MLX checkpoint folders: unconverted sources are converted (once) here.
+    specs = {mid: _model_folder(src, None, dtype, qopts, False) for mid, src in _model_specs(models).items()}
     click.echo(f"loading {', '.join(specs)}; then serving on http://{host}:{port}/ (API docs at /docs)", err=True)
     run_server(specs, host=host, port=port, config=cfg, log_level=log_level)
+
+
+@main.group()
+def cache():
+    """Conversions of unconverted --model sources, kept for the next run (in $MLX_MUSIC_CACHE,
+    default: mlx-music/ beside the Hugging Face hub cache)."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def cache_list(as_json):
+    """Show each cached conversion: source, revision, settings, size."""
+    from mlx_music.converters.autoconvert import cache_dir, list_cache
+
+    entries = list_cache()
+    if as_json:
+        click.echo(json.dumps([{**e.__dict__, "path": str(e.path)} for e in entries], indent=2))
+        return
+    click.echo(f"cache: {cache_dir()}")
+    for e in entries:
+        click.echo(f"{e.bytes / 1e6:9.1f} MB  {e.source}  revision {e.revision[:12]}  {e.settings}  ({e.name})")
+    click.echo(f"{len(entries)} entries, {sum(e.bytes for e in entries) / 1e6:.1f} MB")
+
+
+@cache.command("remove")
+@click.argument("names", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+@friendly_errors
+def cache_remove(names, everything):
+    """Delete cached conversions, by entry name or by source (a hub repo id or folder: all its
+    settings); --all empties the cache."""
+    from mlx_music.converters.autoconvert import remove_cache
+
+    if not names and not everything:
+        raise click.UsageError("name the entries (or sources) to remove, or pass --all")
+    try:
+        removed = remove_cache(list(names), everything=everything)
+    except ValueError as e:
+        raise ValueError(str(e).replace("names ", "", 1)) from None
+    for e in removed:
+        click.echo(f"removed {e.name} ({e.bytes / 1e6:.1f} MB)")
+    click.echo(f"freed {sum(e.bytes for e in removed) / 1e6:.1f} MB")
 
 
 @main.command()

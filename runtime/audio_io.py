@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -27,7 +28,11 @@ __all__ = [
     "AudioInputError",
     "ProgressiveWavWriter",
     "SUPPORTED_OUTPUT_EXTENSIONS",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
     "audio_bytes",
+    "check_sample_rate",
+    "decode_audio_input",
     "generation_tags",
     "load_audio_input",
     "pcm_bytes",
@@ -49,8 +54,15 @@ SUPPORTED_OUTPUT_EXTENSIONS: dict[str, tuple[str, str]] = {
 # Below this peak an input is treated as silent (about -120 dBFS; one 24-bit LSB).
 _SILENCE_PEAK = 1e-6
 # [channels, samples] inputs with more "channels" than this are almost surely
-# [samples, channels]; refuse rather than guess.
+# [samples, channels]; refuse rather than guess. Files with more channels are refused too.
 _MAX_CHANNELS = 8
+# Sample rates accepted for input audio (melody, audio prompt), in Hz. Real recordings lie well
+# inside; a rate outside is a wrong or hostile header, and resampling work grows with odd rates.
+MIN_SAMPLE_RATE = 4_000
+MAX_SAMPLE_RATE = 384_000
+# Frames decoded per libsndfile call: memory follows the samples actually decoded, never a
+# frame count claimed by a header.
+_READ_BLOCK_SAMPLES = 1 << 18
 
 
 class AudioInputError(ValueError):
@@ -108,22 +120,66 @@ def _as_channels_first(arr: np.ndarray, source: str) -> np.ndarray:
 # ------------------------------------------------------------------------ read
 
 
-def read_audio(path: str | os.PathLike[str], require_signal: bool = False) -> tuple[np.ndarray, int]:
-    """Read WAV/FLAC/OGG (anything libsndfile decodes) as float32 ``[C, S]`` and its rate."""
+def check_sample_rate(sr: Any, source: str | os.PathLike[str]) -> int:
+    """``sr`` as an int if it is a whole number of Hz in [`MIN_SAMPLE_RATE`, `MAX_SAMPLE_RATE`];
+    else `AudioInputError` naming ``source``."""
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float, np.floating)) \
+            or not math.isfinite(sr) or sr <= 0 or int(sr) != sr:
+        raise AudioInputError(source, f"sample rate must be a positive integer, got {sr!r}")
+    if not MIN_SAMPLE_RATE <= int(sr) <= MAX_SAMPLE_RATE:
+        raise AudioInputError(source, f"sample rate {int(sr)} Hz is outside the supported "
+                                      f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    return int(sr)
+
+
+def _frame_limit(max_seconds: float | None, sr: int) -> int | None:
+    if max_seconds is None:
+        return None
+    if not math.isfinite(max_seconds) or max_seconds <= 0:
+        raise ValueError(f"max_seconds {max_seconds!r}: must be a positive number of seconds")
+    return max(1, math.ceil(max_seconds * sr))
+
+
+def read_audio(path: str | os.PathLike[str], require_signal: bool = False,
+               max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Read WAV/FLAC/OGG (anything libsndfile decodes) as float32 ``[C, S]`` and its rate in Hz.
+
+    ``max_seconds``: decode only the first that many seconds (the rest of the file is never
+    decoded). The file is decoded in blocks, so memory follows the samples decoded, whatever its
+    header claims. Raises `AudioInputError` naming the file: not found, undecodable, a sample rate
+    outside [`MIN_SAMPLE_RATE`, `MAX_SAMPLE_RATE`], more than 8 channels, empty, non-finite, or
+    (``require_signal``) silent.
+    """
     path = Path(path)
     if not path.exists():
         raise AudioInputError(path, "file not found")
     if path.is_dir():
         raise AudioInputError(path, "is a directory, not an audio file")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr = check_sample_rate(f.samplerate, path)
+            if f.channels > _MAX_CHANNELS:
+                raise AudioInputError(path, f"has {f.channels} channels; at most {_MAX_CHANNELS} are supported")
+            limit = _frame_limit(max_seconds, sr)
+            block = max(1, _READ_BLOCK_SAMPLES // f.channels)
+            parts, got = [], 0
+            while limit is None or got < limit:
+                want = block if limit is None else min(block, limit - got)
+                data = f.read(want, dtype="float32", always_2d=True)
+                if data.shape[0]:
+                    parts.append(data)
+                    got += data.shape[0]
+                if data.shape[0] < want:
+                    break
+            channels = f.channels
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         # libsndfile's text varies by version ("Format not recognised", ...);
         # keep its reason but make the message ours and one line.
         raise AudioInputError(path, f"cannot read audio (unsupported or corrupt file: {err})") from None
+    data = np.concatenate(parts) if parts else np.zeros((0, channels), np.float32)
     wav = np.ascontiguousarray(data.T)
     _check_waveform(wav, str(path), require_signal)
-    return wav, int(sr)
+    return wav, sr
 
 
 # ------------------------------------------------------------------ transforms
@@ -164,36 +220,55 @@ def resample(wav: Any, sr_in: int, sr_out: int) -> np.ndarray:
     return np.ascontiguousarray(y.T, dtype=np.float32)
 
 
-def load_audio_input(
+def decode_audio_input(
     x: str | os.PathLike[str] | tuple[Any, int],
-    target_sr: int,
-    channels: int | None = None,
     require_signal: bool = False,
-) -> np.ndarray:
-    """Path or ``(waveform, sample_rate)`` -> float32 ``[C, S]`` at ``target_sr``.
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, int, str]:
+    """Path or ``(waveform, sample_rate)`` -> (float32 ``[C, S]``, rate in Hz, source name), not
+    resampled, cut to the first ``max_seconds`` before any conversion (see `read_audio`).
 
-    ``waveform`` may be 1-D or ``[C, S]``, numpy or MLX, float or integer PCM.
-    ``channels`` (if given) converts with :func:`to_channels`.
-    ``require_signal`` rejects silent input (e.g. an all-zero melody prompt,
-    which would give meaningless chroma).
+    ``waveform`` may be 1-D or ``[C, S]``, numpy or MLX, float or integer PCM. Raises
+    `AudioInputError` naming the file (or ``<waveform>``), as `read_audio`.
     """
     if isinstance(x, tuple):
         if len(x) != 2:
             raise AudioInputError("<waveform>", "expected a (waveform, sample_rate) tuple")
         source = "<waveform>"
         raw, sr = x
-        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or sr <= 0 or int(sr) != sr:
-            raise AudioInputError(source, f"sample rate must be a positive integer, got {sr!r}")
-        sr = int(sr)
-        wav = _as_channels_first(_as_float32(_to_numpy(raw), source), source)
+        sr = check_sample_rate(sr, source)
+        raw = _to_numpy(raw)
+        limit = _frame_limit(max_seconds, sr)
+        if limit is not None and raw.ndim in (1, 2):
+            raw = raw[..., :limit]  # crop before converting: work follows the seconds kept
+        wav = _as_channels_first(_as_float32(raw, source), source)
         _check_waveform(wav, source, require_signal)
-    elif isinstance(x, (str, os.PathLike)):
-        source = str(x)
-        wav, sr = read_audio(x, require_signal=require_signal)
-    else:
-        raise AudioInputError(
-            "<input>", f"expected a file path or a (waveform, sample_rate) tuple, got {type(x).__name__}"
-        )
+        return wav, sr, source
+    if isinstance(x, (str, os.PathLike)):
+        wav, sr = read_audio(x, require_signal=require_signal, max_seconds=max_seconds)
+        return wav, sr, str(x)
+    raise AudioInputError(
+        "<input>", f"expected a file path or a (waveform, sample_rate) tuple, got {type(x).__name__}"
+    )
+
+
+def load_audio_input(
+    x: str | os.PathLike[str] | tuple[Any, int],
+    target_sr: int,
+    channels: int | None = None,
+    require_signal: bool = False,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Path or ``(waveform, sample_rate)`` -> float32 ``[C, S]`` at ``target_sr``.
+
+    ``waveform`` may be 1-D or ``[C, S]``, numpy or MLX, float or integer PCM.
+    ``channels`` (if given) converts with :func:`to_channels`.
+    ``require_signal`` rejects silent input (e.g. an all-zero melody prompt,
+    which would give meaningless chroma). ``max_seconds`` keeps only the first
+    that many seconds, cut before decoding further or resampling (soxr, whose
+    memory follows the samples kept).
+    """
+    wav, sr, source = decode_audio_input(x, require_signal, max_seconds)
     if channels is not None:
         try:
             wav = to_channels(wav, channels)

@@ -37,6 +37,7 @@ import numpy as np
 __all__ = [
     "ChromaExtractor",
     "chroma_filter_bank",
+    "sinc_input_length",
     "sinc_resample",
 ]
 
@@ -45,6 +46,12 @@ _HF_ROLLOFF = 0.945
 _HF_LOWPASS_WIDTH = 24
 # torch.nn.functional.normalize(p=inf, eps=1e-6) floor on the per-frame maximum.
 _NORM_EPS = 1e-6
+# Largest polyphase kernel built whole, in float64 elements (32 MB). Rates whose reduced ratio
+# needs more (coprime rates such as 48001 -> 32000 Hz: 32000 x 48079 taps) are resampled
+# output block by output block instead, with the same filter values.
+_KERNEL_BUDGET = 1 << 22
+# float64 elements per array in one block of the blockwise resampler (2 MB).
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def chroma_filter_bank(
@@ -80,24 +87,79 @@ def chroma_filter_bank(
     return np.ascontiguousarray(filters[:, : n_fft // 2 + 1])
 
 
-def _sinc_kernel(orig: int, new: int, lowpass_width: int, rolloff: float) -> tuple[np.ndarray, int]:
-    """Polyphase kernel ``(new, 2 * width + orig)`` and half-width ``width``.
+def _kernel_width(orig: int, new: int, lowpass_width: int, rolloff: float) -> int:
+    """Half-width of the filter in input samples (torchaudio's ``width``)."""
+    return math.ceil(lowpass_width * orig / (min(orig, new) * rolloff))
 
-    ``orig``/``new`` are the rates already divided by their gcd. Output sample
-    ``p`` of block ``k`` sits at input time ``k + p / new`` (in units of ``orig``
-    input samples); its filter is a Hann-windowed sinc with cutoff
-    ``rolloff * min(orig, new)``, truncated to ``lowpass_width`` zero crossings.
+
+def _sinc_weights(j: np.ndarray, p: np.ndarray, orig: int, new: int, lowpass_width: int,
+                  rolloff: float) -> np.ndarray:
+    """Filter value of tap ``j`` (input sample ``k * orig + j``) for output phase ``p`` (output
+    sample ``k * new + p``), elementwise over broadcast float64 ``j`` and ``p``.
+
+    A Hann-windowed sinc with cutoff ``rolloff * min(orig, new)``, truncated to
+    ``lowpass_width`` zero crossings: torchaudio's ``_get_sinc_resample_kernel``, term by term.
     """
     base = min(orig, new) * rolloff
-    width = math.ceil(lowpass_width * orig / base)
-    taps = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
-    t = taps - np.arange(new, dtype=np.float64)[:, None] / new
+    t = j / orig - p / new
     t = np.clip(t * base, -lowpass_width, lowpass_width)
     window = np.cos(t * math.pi / lowpass_width / 2.0) ** 2
     x = t * math.pi
     safe = np.where(x == 0.0, 1.0, x)
     sinc = np.where(x == 0.0, 1.0, np.sin(safe) / safe)
-    return sinc * window * (base / orig), width
+    return sinc * window * (base / orig)
+
+
+def _sinc_kernel(orig: int, new: int, lowpass_width: int, rolloff: float) -> tuple[np.ndarray, int]:
+    """Polyphase kernel ``(new, 2 * width + orig)`` and half-width ``width``.
+
+    ``orig``/``new`` are the rates already divided by their gcd. Output sample
+    ``p`` of block ``k`` sits at input time ``k + p / new`` (in units of ``orig``
+    input samples). Memory is ``new * (2 * width + orig)`` float64: only for small ratios.
+    """
+    width = _kernel_width(orig, new, lowpass_width, rolloff)
+    taps = np.arange(-width, width + orig, dtype=np.float64)[None, :]
+    phases = np.arange(new, dtype=np.float64)[:, None]
+    return _sinc_weights(taps, phases, orig, new, lowpass_width, rolloff), width
+
+
+def _blockwise_resample(padded: np.ndarray, orig: int, new: int, width: int, target: int,
+                        lowpass_width: int, rolloff: float) -> np.ndarray:
+    """``target`` outputs per row of ``padded`` (the input with ``width`` zeros in front), each
+    from the ``2 * width + 2`` taps around its own time, a block of outputs at a time.
+
+    The taps and their filter values are those of `_sinc_kernel` (same formula, same float64
+    operations); the kernel's other taps are past ``lowpass_width`` zero crossings, where the
+    window is cos(pi/2)**2 (~4e-33), so leaving them out changes nothing above rounding.
+    Memory: O(taps x block) whatever the rates; time: O(taps) per output.
+    """
+    d = np.arange(-width, width + 2, dtype=np.int64)
+    per_block = max(1, _BLOCK_ELEMENTS // d.size)
+    out = np.empty((padded.shape[0], target), dtype=np.float64)
+    for start in range(0, target, per_block):
+        m = np.arange(start, min(target, start + per_block), dtype=np.int64)
+        k, p = np.divmod(m, new)
+        j = (p * orig // new)[:, None] + d[None, :]  # taps relative to the block's first input
+        w = _sinc_weights(j.astype(np.float64), p[:, None].astype(np.float64), orig, new,
+                          lowpass_width, rolloff)
+        w[j >= width + orig] = 0.0  # outside the reference kernel's taps
+        idx = (k * orig)[:, None] + j + width  # index into padded
+        for row in range(padded.shape[0]):
+            out[row, m[0]:m[-1] + 1] = np.sum(padded[row][idx] * w, axis=-1)
+    return out
+
+
+def sinc_input_length(max_out: int, sr_in: int, sr_out: int, lowpass_width: int = _HF_LOWPASS_WIDTH,
+                      rolloff: float = _HF_ROLLOFF) -> int:
+    """Input samples that decide the first ``max_out`` outputs of `sinc_resample`: cropping the
+    input to this many leaves those outputs unchanged."""
+    g = math.gcd(int(sr_in), int(sr_out))
+    orig, new = int(sr_in) // g, int(sr_out) // g
+    if orig == new:
+        return max_out
+    # Block k reads input samples [k*orig - width, k*orig + width + orig); keep everything the
+    # first ceil(max_out/new) blocks read.
+    return -(-max_out // new) * orig + _kernel_width(orig, new, lowpass_width, rolloff) + orig
 
 
 def sinc_resample(
@@ -111,8 +173,10 @@ def sinc_resample(
     """Resample along the last axis like ``torchaudio.functional.resample``.
 
     Output length is ``ceil(len * sr_out / sr_in)`` (or ``max_out`` if smaller:
-    the input is then cropped first so long songs don't cost a full-length
-    resample -- the kept outputs are bit-for-bit the same).
+    the input is then cropped first (`sinc_input_length`) so long songs don't cost a
+    full-length resample -- the kept outputs are the same). Memory is bounded by the
+    samples, whatever the rates: ratios whose polyphase kernel would pass 32 MB (coprime
+    rates) are computed output block by output block (`_blockwise_resample`).
     """
     if int(sr_in) != sr_in or int(sr_out) != sr_out or sr_in <= 0 or sr_out <= 0:
         raise ValueError(f"sample rates must be positive integers, got {sr_in} -> {sr_out}")
@@ -122,20 +186,21 @@ def sinc_resample(
         return wav if max_out is None else wav[..., :max_out]
     g = math.gcd(sr_in, sr_out)
     orig, new = sr_in // g, sr_out // g
-    kernel, width = _sinc_kernel(orig, new, lowpass_width, rolloff)
+    width = _kernel_width(orig, new, lowpass_width, rolloff)
 
     length = wav.shape[-1]
     target = math.ceil(new * length / orig)
     if max_out is not None and max_out < target:
-        # Block k reads input samples [k*orig - width, k*orig + width + orig);
-        # keep everything the first ceil(max_out/new) blocks read.
-        blocks = -(-max_out // new)
-        wav = wav[..., : blocks * orig + width + orig]
+        wav = wav[..., : sinc_input_length(max_out, sr_in, sr_out, lowpass_width, rolloff)]
         target = max_out
 
     lead = wav.shape[:-1]
     flat = wav.reshape(-1, wav.shape[-1])
     padded = np.pad(flat, ((0, 0), (width, width + orig)))
+    if new * (2 * width + orig) > _KERNEL_BUDGET:
+        out = _blockwise_resample(padded, orig, new, width, target, lowpass_width, rolloff)
+        return out.reshape(*lead, -1) if lead else out[0]
+    kernel, _ = _sinc_kernel(orig, new, lowpass_width, rolloff)
     taps = kernel.shape[1]
     n_blocks = (padded.shape[1] - taps) // orig + 1
     out = np.empty((flat.shape[0], n_blocks * new), dtype=np.float64)

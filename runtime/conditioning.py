@@ -13,33 +13,41 @@ for melody models the chroma one-hot on bin 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_music.models.musicgen import MusicGen
-from mlx_music.runtime.audio_io import load_audio_input, read_audio
+from mlx_music.runtime.audio_io import decode_audio_input
 from mlx_music.runtime.chroma import ChromaExtractor, sinc_resample
 from mlx_music.runtime.text import TextTokenizer
 from mlx_music.runtime.token_loop import Conditioning
 
 AudioInput = Any  # a file path, or a (waveform, sample_rate) tuple
 
+# Seconds of melody decoded past the ``max_seconds`` used: the resampler's filter reads past its
+# last output (at most one reduced-rate block, which is under 1 s, plus the filter's half-width).
+_RESAMPLE_MARGIN_S = 3.0
 
-def melody_waveform(item: AudioInput, target_sr: int) -> np.ndarray:
-    """A melody (path or (waveform, sr)) → mono float64 (S,) at ``target_sr``; ValueError if silent.
 
-    Resampled with the chroma module's sinc resampler (the reference extractor's), not soxr: a
-    different resampler moves energy between FFT bins and can flip near-tie chroma frames.
+def melody_waveform(item: AudioInput, target_sr: int, max_seconds: float | None = None) -> np.ndarray:
+    """A melody (path or (waveform, sr)) → mono float64 (S,) at ``target_sr``.
+
+    ``max_seconds``: only that many seconds are kept (at most ``ceil(max_seconds * target_sr)``
+    samples); only a few seconds more are decoded (never the rest of a long file), so memory and
+    time follow those seconds, whatever the file's header says. The kept samples equal those of
+    the whole melody resampled. Resampled with the chroma module's sinc resampler (the reference
+    extractor's), not soxr: a different resampler moves energy between FFT bins and can flip
+    near-tie chroma frames. Raises `AudioInputError` (a ValueError) naming the file: unreadable,
+    silent, a sample rate outside `audio_io.MIN_SAMPLE_RATE`-`MAX_SAMPLE_RATE`, ...
     """
-    if isinstance(item, tuple):
-        wav = load_audio_input(item, int(item[1]) if len(item) == 2 else target_sr, require_signal=True)
-        sr = int(item[1])
-    else:
-        wav, sr = read_audio(item, require_signal=True)
+    decode_s = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN_S
+    wav, sr, _ = decode_audio_input(item, require_signal=True, max_seconds=decode_s)
     mono = wav.astype(np.float64).mean(axis=0)  # channel mean first, as the reference does
-    return sinc_resample(mono, sr, target_sr) if sr != target_sr else mono
+    max_out = None if max_seconds is None else max(1, math.ceil(max_seconds * target_sr))
+    return sinc_resample(mono, sr, target_sr, max_out=max_out)
 
 
 class Conditioner:

@@ -23,10 +23,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mlx_music.models.musicgen import MusicGen
-from mlx_music.runtime.audio_io import load_audio_input
+from mlx_music.runtime.audio_io import AudioInputError, decode_audio_input, load_audio_input
 from mlx_music.runtime.codec import Codec
 from mlx_music.runtime.conditioning import AudioInput, Conditioner, melody_waveform
 from mlx_music.runtime.generation import MAX_DURATION, FrameGenerator, Request, Row, resolve_stride
+from mlx_music.runtime.magnet_generation import MagnetFrameGenerator, MagnetSampling, clip_frames
 from mlx_music.runtime.sampling import RowSampling, SamplingConfig, check_seed, derive_seed, random_seed
 from mlx_music.runtime.text import TextTokenizer
 from mlx_music.runtime.token_loop import Conditioning, TokenLoop, prefix_length
@@ -80,6 +81,7 @@ class MusicGenPipeline:
         self.pad_id = int(config["decoder"]["pad_token_id"])
         self.vocab_size = int(config["decoder"]["vocab_size"])
         self.is_melody = model.is_melody
+        self.is_magnet = config.get("model_type") == "magnet"  # MAGNeT: the masked-decoding generator
         self.compile_step = True  # False: eager decoder step, for debugging
         self.codec = Codec(model.audio_encoder, self.audio_channels)
         self.conditioner = Conditioner(model, tokenizer, config)
@@ -138,17 +140,46 @@ class MusicGenPipeline:
         d = req.duration
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             raise ValueError(f"duration {d!r}: must be a positive number of seconds")
-        sampling = SamplingConfig.from_defaults(self.defaults, guidance_scale=req.guidance_scale,
-                                                temperature=req.temperature, top_k=req.top_k,
-                                                top_p=req.top_p, greedy=req.greedy)
+        magnet = {k: getattr(req, k) for k in _MAGNET_SETTINGS}
+        if self.is_magnet:
+            sampling = MagnetSampling.from_defaults(self.defaults, self.num_codebooks, guidance_scale=req.guidance_scale,
+                                                    temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                                    greedy=req.greedy, **magnet)
+        else:
+            for k, v in magnet.items():
+                if v is not None:
+                    raise ValueError(f"{k}: applies to MAGNeT checkpoints only")
+            sampling = SamplingConfig.from_defaults(self.defaults, guidance_scale=req.guidance_scale,
+                                                    temperature=req.temperature, top_k=req.top_k,
+                                                    top_p=req.top_p, greedy=req.greedy)
         melody = None
         if req.melody is not None:
             if not self.is_melody:
                 raise ValueError("melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
-            melody = melody_waveform(req.melody, int(self.config["melody"]["sampling_rate"]))
-        codes = self.encode_audio(req.audio_prompt) if req.audio_prompt is not None else None
+            melody = _naming("melody", melody_waveform, req.melody, int(self.config["melody"]["sampling_rate"]),
+                             self.input_seconds(d)["melody"])
+        codes = None
+        if req.audio_prompt is not None:
+            codes = _naming("audio_prompt", self.encode_audio, req.audio_prompt, self.input_seconds(d)["audio_prompt"])
         seed = random_seed() if req.seed is None else check_seed(req.seed)
-        return Row(req.prompt, max(1, round(d * self.frame_rate)), seed, sampling, melody, codes)
+        frames = max(1, round(d * self.frame_rate))
+        if self.is_magnet:
+            frames = self._magnet_frames(d, frames, sampling)
+        return Row(req.prompt, frames, seed, sampling, melody, codes)
+
+    def _magnet_frames(self, duration: float, frames: int, sampling: MagnetSampling) -> int:
+        """A MAGNeT clip's frames: at most the checkpoint's segment (audiocraft makes one clip and
+        defines no joining of windows), trimmed to whole spans for ``nonoverlap``."""
+        segment = self.model.magnet.segment_frames
+        if frames > segment:
+            raise ValueError(f"duration {duration}: this MAGNeT checkpoint makes clips of at most "
+                             f"{segment / self.frame_rate:g} s (its training segment; longer audio is not defined)")
+        span = self.model.magnet.span_len
+        out = clip_frames(frames, span, sampling.span_arrangement)
+        if out < max(1, span):
+            raise ValueError(f"duration {duration}: too short for MAGNeT spans of {span} frames "
+                             f"(at least {span / self.frame_rate:g} s)")
+        return out
 
     def frames(self, requests: Sequence[Request], extend_stride: float | None = None) -> FrameGenerator:
         """The frame generator of a batch of requests (see `FrameGenerator`)."""
@@ -157,6 +188,11 @@ class MusicGenPipeline:
         for r in requests:  # cheap checks of every row before any row's audio is decoded
             check_seed(r.seed)
         rows = [self.resolve(r) for r in requests]
+        if self.is_magnet:
+            if extend_stride is not None:
+                raise ValueError("extend_stride: MAGNeT makes one clip of at most its training segment; "
+                                 "there is no sliding window")
+            return MagnetFrameGenerator(self, rows)
         window = self.max_frames
         longest = max(r.frames for r in rows)
         stride = resolve_stride(extend_stride, window, self.frame_rate) if longest > window else window
@@ -195,13 +231,40 @@ class MusicGenPipeline:
         self._adapter_slot.set(adapter)
         self._loops = {}  # their compiled steps hold the previous weights
 
+    def input_seconds(self, duration: float) -> dict[str, float]:
+        """The most seconds of each input audio (``"melody"``, ``"audio_prompt"``) that a request
+        of ``duration`` seconds can use: decode and resample no more (`audio_io.read_audio`'s
+        ``max_seconds``), so the work on an upload follows the request, not the file's header.
+
+        melody: the chroma window (``config["melody"]["chunk_length"]``, 30 s) when the output fits
+        one window (the melody is used whole, as transformers' extractor: it keeps 30 s); else the
+        output plus one window (each window reads one window of melody from its start time).
+        audio_prompt: ``duration`` plus a second (a prompt that long is refused in any case: the
+        output includes it); a longer file is refused without being decoded further.
+        """
+        frames = max(1, round(duration * self.frame_rate))
+        melody = float((self.config.get("melody") or {}).get("chunk_length", 30))
+        if frames > self.max_frames:
+            melody = (frames + self.max_frames) / self.frame_rate
+        return {"melody": melody, "audio_prompt": float(duration) + 1.0}
+
     # ----------------------------------------------------------------- codec
-    def encode_audio(self, audio: AudioInput) -> np.ndarray:
+    def encode_audio(self, audio: AudioInput, max_seconds: float | None = None) -> np.ndarray:
         """An audio prompt (path or (waveform, sr)) → codes (K, frames) int32.
 
-        Resampled to the codec rate; a mono prompt for a stereo model is duplicated. Silence is
-        refused (continuing silence is almost surely a wrong file)."""
-        wav = load_audio_input(audio, self.sample_rate, channels=self.audio_channels, require_signal=True)
+        Resampled to the codec rate (soxr); a mono prompt for a stereo model is duplicated.
+        Silence is refused (continuing silence is almost surely a wrong file). ``max_seconds``:
+        a longer prompt is refused (ValueError) after decoding only that many seconds.
+        Raises `AudioInputError` (a ValueError) naming the file."""
+        wav, sr, src = decode_audio_input(audio, require_signal=True,
+                                          max_seconds=None if max_seconds is None else max_seconds + 0.5)
+        if max_seconds is not None and wav.shape[-1] > max_seconds * sr:
+            raise AudioInputError(src, f"longer than {max_seconds:g} s; the total duration must be longer "
+                                       "than the prompt (the output includes it)")
+        try:
+            wav = load_audio_input((wav, sr), self.sample_rate, channels=self.audio_channels)
+        except AudioInputError as err:
+            raise AudioInputError(src, err.problem) from None
         return self.codec.encode(wav)
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -214,16 +277,25 @@ class MusicGenPipeline:
                  guidance_scale: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
                  melody: AudioInput | list[AudioInput] | None = None, audio_prompt: AudioInput | None = None,
-                 extend_stride: float | None = None, progress: bool = False) -> GenerationResult:
+                 extend_stride: float | None = None, progress: bool = False, max_cfg_coef: float | None = None,
+                 min_cfg_coef: float | None = None, decoding_steps: Sequence[int] | None = None,
+                 span_arrangement: str | None = None) -> GenerationResult:
         """Text (+ melody, + audio prompt) → `GenerationResult` with one row per prompt.
 
         ``duration`` in seconds includes ``audio_prompt``. Longer than one window (30 s on the
         published models) uses a sliding window that advances ``extend_stride`` seconds (default
         the window x 18/30, audiocraft's 18 s of 30 s). ``None`` settings take the checkpoint's
         defaults (guidance 3, top-k 250, sampling). Raises ValueError naming the parameter.
+
+        MAGNeT checkpoints (``runtime/magnet_generation.py``): one clip of at most the training
+        segment (longer is refused); ``temperature`` is the initial one, guidance is annealed from
+        ``max_cfg_coef`` to ``min_cfg_coef`` (``guidance_scale`` is refused), ``decoding_steps`` per
+        codebook and ``span_arrangement`` ('nonoverlap', 'stride1'); defaults from the checkpoint.
         """
         reqs = self.requests(prompts, duration, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
-                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt)
+                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt,
+                             max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef, decoding_steps=decoding_steps,
+                             span_arrangement=span_arrangement)
         return self.generate_batch(reqs, extend_stride=extend_stride, progress=progress)
 
     def generate_batch(self, requests: Sequence[Request], *, extend_stride: float | None = None,
@@ -250,12 +322,17 @@ class MusicGenPipeline:
                seed: int | None = None, guidance_scale: float | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
                melody: AudioInput | list[AudioInput] | None = None, audio_prompt: AudioInput | None = None,
-               extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
+               extend_stride: float | None = None, progress: bool = False, max_cfg_coef: float | None = None,
+               min_cfg_coef: float | None = None, decoding_steps: Sequence[int] | None = None,
+               span_arrangement: str | None = None) -> Iterator[AudioChunk]:
         """Like `generate`, as `AudioChunk`s of ``chunk_seconds`` (the last may be shorter) yielded
         as soon as their frames are final. Concatenated, the chunks equal `generate`'s audio.
-        Arguments are checked here, before the first chunk."""
+        Arguments are checked here, before the first chunk. MAGNeT: no frame is final before the
+        last decoding pass, so every chunk comes at the end (the same samples as `generate`)."""
         reqs = self.requests(prompts, duration, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
-                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt)
+                             top_k=top_k, top_p=top_p, greedy=greedy, melody=melody, audio_prompt=audio_prompt,
+                             max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef, decoding_steps=decoding_steps,
+                             span_arrangement=span_arrangement)
         return self.stream_batch(reqs, chunk_seconds=chunk_seconds, extend_stride=extend_stride, progress=progress)
 
     def stream_batch(self, requests: Sequence[Request], *, chunk_seconds: float = 1.0,
@@ -289,6 +366,18 @@ class MusicGenPipeline:
                         stats.first_audio_seconds, stats.first_audio_steps = stats.seconds, frames.steps
                     yield AudioChunk(audio, emitted * hop, self.sample_rate, seeds, stats)
                     emitted = end
+
+
+def _naming(param: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, its `AudioInputError` ("file: problem") re-raised with the API parameter in
+    front ("melody file: problem"), as every parameter error starts."""
+    try:
+        return fn(*args)
+    except AudioInputError as err:
+        raise AudioInputError(f"{param} {err.source}", err.problem) from None
+
+
+_MAGNET_SETTINGS = ("max_cfg_coef", "min_cfg_coef", "decoding_steps", "span_arrangement")  # Request fields
 
 
 class _RowDecoder:

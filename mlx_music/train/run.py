@@ -180,12 +180,25 @@ class _Order:
 def train(opts: TrainOptions) -> Path:
     """Run (or resume) a training; returns the output folder. ValueError (one line) for bad input,
     TrainingStopped when the loss diverges."""
+    opts.check()
+    out = _out_folder(opts)
+    fresh = not opts.resume
+    existed = out.exists()
+    try:
+        return _train(opts, out)
+    except BaseException:
+        if fresh and out.exists() and not (out / CHECKPOINT).exists():
+            shutil.rmtree(out, ignore_errors=True)  # a run that failed before its first save leaves nothing
+            if existed:
+                out.mkdir()
+        raise
+
+
+def _train(opts: TrainOptions, out: Path) -> Path:
     from mlx_music.runtime import load
     from mlx_music.runtime.hub import resolve_model_path
     from mlx_music.train.data import model_fingerprint
 
-    opts.check()
-    out = _out_folder(opts)
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
     if opts.batch_size % world:

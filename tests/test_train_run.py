@@ -1,0 +1,160 @@
+"""The training run (mlx_music.train.run, `mlx-music train`): resume, export, bad input.
+
+Tiny mono model, a tone dataset written by tests/make_tone_dataset.py (1 s pieces).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import mlx_music  # noqa: F401  (before mlx.core: binds MKL)
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from make_tone_dataset import write_dataset
+from mlx_music.cli import main
+from mlx_music.runtime import load
+from mlx_music.train.run import TrainOptions, train
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("tones") / "data", seconds=2.0, repeats=1)
+
+
+def opts(data, model, out, **kw):
+    base = dict(steps=6, batch_size=2, rank=4, alpha=8.0, lr=5e-3, segment=1.0, min_seconds=0.5, val_fraction=0.2,
+                val_every=3, save_every=2, lora_dropout=0.1, progress=False,
+                targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_heads", "enc_to_dec_proj"))
+    base.update(kw)
+    return TrainOptions(data=str(data), model=str(model), out=str(out), **base)
+
+
+def factors(folder):
+    return mx.load(str(folder / "adapters.safetensors"))
+
+
+def test_resume_is_bit_identical(tmp_path, tones, mlx_folder):
+    base = mlx_folder("mono")
+    whole = train(opts(tones, base, tmp_path / "whole"))
+    cut = train(opts(tones, base, tmp_path / "cut", stop_after=4))  # what a kill after step 4's save leaves
+    assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 4
+    shutil.rmtree(cut / "cache")  # a resumed run re-encodes what it lacks (same codes)
+    train(opts(tones, base, tmp_path / "cut", resume=True))
+    a, b = factors(whole), factors(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) == 2 * (2 * 10 + 4 + 1)
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+    assert any(float(mx.abs(a[k]).max()) > 0 for k in a if k.endswith("lora_b"))
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole_rows]
+    assert "val_loss" in rows[2] and "val_loss" in rows[5]
+
+
+def _logits_mlx(pipe, codes, ids, mask):
+    states, m = pipe.model.encode_text(mx.array(ids), mx.array(mask))
+    return np.array(pipe.model(mx.array(codes), states, m))  # (B, K, T, V)
+
+
+def test_export_loads_in_peft_and_merges(tmp_path, tones, mlx_folder, hf_folder, hf_models):
+    from peft import PeftModel
+
+    from mlx_music.converters.convert import convert_checkpoint
+
+    base = mlx_folder("mono")
+    out = train(opts(tones, base, tmp_path / "run", steps=3, lora_dropout=0.0))
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2048, (2, 4, 10)).astype(np.int32)
+    plain = load(base)
+    ids, mask = plain.tokenizer(["calm piano", "80s pop with synths"])
+    without = _logits_mlx(plain, codes, ids, mask)
+    ours = _logits_mlx(load(base, adapter=out), codes, ids, mask)
+    assert np.abs(ours - without).max() > 1e-3  # the adapter changes the model
+
+    hf = PeftModel.from_pretrained(copy.deepcopy(hf_models("mono")), str(out / "peft")).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
+                 decoder_input_ids=torch.tensor(codes.reshape(-1, 10)).long()).logits.numpy()
+    ref = ref.reshape(2, 4, 10, -1)
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), np.abs(ours - ref).max()
+
+    merged = convert_checkpoint(hf_folder("mono"), tmp_path / "merged", adapter=out / "peft", progress=False).path
+    m = _logits_mlx(load(merged), codes, ids, mask)
+    assert np.abs(m - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args), "--quiet"])
+
+
+def one_line_error(res, *words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, tones, mlx_folder):
+    base = mlx_folder("mono")
+    common = ["--model", base, "--steps", "2", "--batch-size", "2", "--rank", "2", "--segment", "1",
+              "--min-seconds", "0.5"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run_cli(empty, *common, "--out", tmp_path / "o1"), "is empty")
+
+    def dataset(name, meta: str | None, files=("a4_0.wav",)):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            shutil.copy(tones / f, d / f)
+        if meta is not None:
+            (d / "metadata.jsonl").write_text(meta)
+        return d
+
+    one_line_error(run_cli(dataset("nometa", None), *common, "--out", tmp_path / "o"), "no metadata.jsonl")
+    one_line_error(run_cli(dataset("corrupt", '{"file_name": "a4_0.wav", "text": \n'), *common, "--out", tmp_path / "o"),
+                   "line 1", "not valid JSON")
+    one_line_error(run_cli(dataset("nocap", '{"file_name": "a4_0.wav", "genre": "x"}\n'), *common, "--out", tmp_path / "o"),
+                   "no caption column", "genre")
+    d = dataset("silent", '{"file_name": "a4_0.wav", "text": "a4"}\n{"file_name": "s.wav", "text": "quiet"}\n')
+    sf.write(d / "s.wav", np.zeros(32000, np.float32), 32000)
+    one_line_error(run_cli(d, *common, "--out", tmp_path / "o"), "s.wav", "silent")
+    d = dataset("garbage", '{"file_name": "g.wav", "text": "noise"}\n', files=())
+    (d / "g.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    one_line_error(run_cli(d, *common, "--out", tmp_path / "o"), "g.wav", "cannot read audio")
+    d = dataset("short", '{"file_name": "t.wav", "text": "blip"}\n', files=())
+    sf.write(d / "t.wav", np.full(3200, 0.1, np.float32), 32000)  # 0.1 s
+    one_line_error(run_cli(d, *common, "--out", tmp_path / "o"), "t.wav", "shorter than the minimum")
+    d = dataset("onehz", '{"file_name": "h.wav", "text": "odd"}\n', files=())
+    sf.write(d / "h.wav", np.full(64, 0.1, np.float32), 32000)
+    raw = bytearray((d / "h.wav").read_bytes())
+    raw[24:28] = (1).to_bytes(4, "little")  # sample rate field: 1 Hz
+    (d / "h.wav").write_bytes(bytes(raw))
+    one_line_error(run_cli(d, *common, "--out", tmp_path / "o"), "h.wav", "1 Hz")
+    one_line_error(run_cli(tones, *common, "--out", tmp_path / "o", "--targets", "q_proj,wat_proj"), "--targets wat_proj")
+    one_line_error(run_cli(tones, *common, "--out", tmp_path / "o", "--rank", "0"), "--rank 0")
+    assert not (tmp_path / "o").exists()  # nothing half-written by any of the above
+
+    out = tmp_path / "done"
+    res = run_cli(tones, *common, "--out", out)
+    assert res.exit_code == 0, res.output
+    one_line_error(run_cli(tones, *common, "--out", out), "already exists", "--resume")
+    one_line_error(run_cli(tones, *common, "--out", out, "--resume", "--steps", "4", "--rank", "3"),
+                   "--resume", "rank")
+    other = dataset("other", '{"file_name": "a4_0.wav", "text": "another caption"}\n')
+    one_line_error(run_cli(other, *common, "--out", out, "--resume", "--steps", "4"), "--resume", "not the data")
+    one_line_error(run_cli(tones, *common[2:], "--model", mlx_folder("stereo"), "--out", out, "--resume",
+                           "--steps", "4"), "--resume", "not the base")
