@@ -158,3 +158,27 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tones, mlx_folder):
     one_line_error(run_cli(other, *common, "--out", out, "--resume", "--steps", "4"), "--resume", "not the data")
     one_line_error(run_cli(tones, *common[2:], "--model", mlx_folder("stereo"), "--out", out, "--resume",
                            "--steps", "4"), "--resume", "not the base")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlora_trains_on_quantized_base_and_applies_to_float(bits, tmp_path, tones, mlx_folder, hf_folder):
+    from mlx_music.converters.convert import QuantizeOptions, convert_checkpoint
+    from mlx_music.train.data import DataSettings, collate, prepare, read_folder
+    from mlx_music.train.loss import batch_loss
+
+    qbase = convert_checkpoint(hf_folder("mono"), tmp_path / f"q{bits}", quantize=QuantizeOptions(bits, 32),
+                               progress=False).path
+    assert json.loads((qbase / "config.json").read_text())["quantization"]["modules"]
+    out = train(opts(tones, qbase, tmp_path / "run", steps=8, lr=1e-2, lora_dropout=0.0, text_dropout=0.0,
+                     val_fraction=0.0, save_every=4))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], [r["loss"] for r in rows]
+
+    # the adapter applies to the float base: it lowers that base's loss on the training pieces
+    fbase = mlx_folder("mono")
+    plain, adapted = load(fbase), load(fbase, adapter=out)
+    ds = prepare(read_folder(tones), plain, fbase, DataSettings(1.0, 0.5, 0.0), tmp_path / "cache", progress=False)
+    batch = collate(ds.train, ds.text, np.zeros(len(ds.train), bool), 1, 2048)
+    before = float(batch_loss(plain.model, **batch))
+    after = float(batch_loss(adapted.model, **batch))
+    assert after < 0.9 * before, (before, after)
