@@ -266,12 +266,17 @@ class LmSettings:
     segment_duration: float
     chroma: dict | None = None
     fields: dict = field(default_factory=dict)
+    magnet: dict | None = None  # MAGNeT's settings (read_magnet_settings); None for MusicGen/AudioGen
 
 
 def read_lm_settings(xp: XpConfig) -> LmSettings:
     """Everything the MLX runtime reproduces, checked field by field; anything it does not
     implement is refused naming the xp.cfg field."""
-    xp.expect("lm_model", "transformer_lm", "only MusicGen/AudioGen's transformer LM is implemented")
+    lm_model = xp.get("lm_model", "transformer_lm")
+    if lm_model not in ("transformer_lm", "transformer_lm_magnet"):
+        raise ManifestError(f"{xp.source}: xp.cfg lm_model = {lm_model!r} is not supported (expected "
+                            "'transformer_lm' (MusicGen, AudioGen) or 'transformer_lm_magnet' (MAGNeT))")
+    magnet = lm_model == "transformer_lm_magnet"
     t = "transformer_lm"
     dim = xp.typed(f"{t}.dim", int)
     heads = xp.typed(f"{t}.num_heads", int)
@@ -287,7 +292,8 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
             ("positional_embedding", "sin", "sinusoidal positions only"), ("xpos", False, "no xpos"),
             ("layer_scale", None, "no layer scale"), ("qk_layer_norm", False, "no q/k norm"),
             ("qk_layer_norm_cross", False, "no q/k norm"), ("kv_repeat", 1, "no grouped k/v"),
-            ("past_context", None, "full causal context"), ("causal", True, "causal LM"),
+            ("past_context", None, "full causal context"),
+            ("causal", not magnet, "MAGNeT is non-causal" if magnet else "causal LM"),
             ("positional_scale", 1.0, "unscaled positions")):
         if key in optional:
             xp.expect(f"{t}.{key}", want, why, default=want)
@@ -303,6 +309,8 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
                   default=False)
     if n_q % channels:
         raise ManifestError(f"{xp.source}: xp.cfg transformer_lm.n_q = {n_q}: not a multiple of channels {channels}")
+    if magnet:
+        return _magnet_lm(xp, read_magnet_settings(xp, n_q, channels), dim, heads, layers, n_q, card, hidden_scale)
     xp.expect("codebooks_pattern.modeling", "delay", "MusicGen's delay pattern only")
     delays = xp.get("codebooks_pattern.delay.delays", _MISSING)
     want = [q // channels for q in range(n_q)]
@@ -348,14 +356,61 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
         chroma = {"num_chroma": n_chroma, "chroma_length": 1 + int(chroma_sr * segment) // hop,
                   "preprocessor": {"n_fft": n_fft, "hop_length": hop, "sampling_rate": chroma_sr,
                                    "chunk_length": segment}}
-    decoder = {"vocab_size": card, "hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
-               "ffn_dim": int(hidden_scale * dim), "num_codebooks": n_q, "audio_channels": channels,
-               "pad_token_id": card, "bos_token_id": card, "activation_function": "gelu",
-               "max_position_embeddings": 2048}
+    decoder = _hf_decoder(card, dim, layers, heads, hidden_scale, n_q, channels)
     return LmSettings(melody, t5_name, decoder, channels, sample_rate, segment, chroma,
                       {"dim": dim, "num_heads": heads, "num_layers": layers, "n_q": n_q, "card": card,
                        "fuser": "prepend" if melody else "cross", "t5": t5_name, "channels": channels,
                        "segment_duration": segment})
+
+
+def _hf_decoder(card: int, dim: int, layers: int, heads: int, hidden_scale: float, n_q: int, channels: int) -> dict:
+    """The transformers-shaped decoder config of an audiocraft LM (id ``card`` = pad/BOS/mask)."""
+    return {"vocab_size": card, "hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "ffn_dim": int(hidden_scale * dim), "num_codebooks": n_q, "audio_channels": channels,
+            "pad_token_id": card, "bos_token_id": card, "activation_function": "gelu",
+            "max_position_embeddings": 2048}
+
+
+def read_magnet_settings(xp: XpConfig, n_q: int, channels: int) -> dict:
+    """MAGNeT's own xp.cfg fields (audiocraft ``models/loaders.py:load_lm_model_magnet`` and
+    ``lm_magnet.py``), checked; anything the MLX port does not implement is refused by name."""
+    if channels != 1:
+        raise ManifestError(f"{xp.source}: xp.cfg channels = {channels} is not supported for MAGNeT (mono only)")
+    xp.expect("codebooks_pattern.modeling", "parallel", "MAGNeT decodes codebooks in parallel")
+    context = xp.typed("transformer_lm.subcodes_context", int, 5)
+    if context < -1:
+        raise ManifestError(f"{xp.source}: xp.cfg transformer_lm.subcodes_context = {context}: expected -1 "
+                            "(unrestricted) or >= 0")
+    span = xp.typed("masking.span_len", int)
+    if span < 1:
+        raise ManifestError(f"{xp.source}: xp.cfg masking.span_len = {span}: expected >= 1")
+    return {"subcodes_context": context, "span_len": span}
+
+
+def _magnet_lm(xp: XpConfig, magnet: dict, dim: int, heads: int, layers: int, n_q: int, card: int,
+               hidden_scale: float) -> LmSettings:
+    """LmSettings of a MAGNeT LM: text by cross-attention only (no melody MAGNeT exists)."""
+    cross, prepend = xp.get("fuser.cross", []), xp.get("fuser.prepend", [])
+    for key in ("sum", "input_interpolate"):
+        xp.expect(f"fuser.{key}", [], "MAGNeT fuses text by cross-attention only", default=[])
+    xp.expect("fuser.cross_attention_pos_emb", False, "cross-attention without positions", default=False)
+    if cross != ["description"] or prepend != []:
+        raise ManifestError(f"{xp.source}: xp.cfg fuser cross = {cross!r}, prepend = {prepend!r} is not supported "
+                            "for MAGNeT (expected cross [description], prepend [])")
+    conds = xp.get("conditioners", {}) or {}
+    if set(conds) != {"description"}:
+        raise ManifestError(f"{xp.source}: xp.cfg conditioners = {sorted(conds)}: expected ['description']")
+    xp.expect("conditioners.description.model", "t5", "T5 text conditioning only")
+    t5_name = xp.typed("conditioners.description.t5.name", str)
+    xp.expect("conditioners.description.t5.normalize_text", False, "prompts are used as given", default=False)
+    sample_rate = xp.typed("sample_rate", int)
+    segment = float(xp.typed("dataset.segment_duration", (int, float)))
+    decoder = _hf_decoder(card, dim, layers, heads, hidden_scale, n_q, 1)
+    return LmSettings(False, t5_name, decoder, 1, sample_rate, segment, None,
+                      {"dim": dim, "num_heads": heads, "num_layers": layers, "n_q": n_q, "card": card,
+                       "fuser": "cross", "t5": t5_name, "channels": 1, "segment_duration": segment,
+                       "lm_model": "transformer_lm_magnet", **magnet},
+                      {**magnet, "segment_duration": segment})
 
 
 def codec_config_from_package(xp: XpConfig) -> dict:
@@ -494,15 +549,17 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
     if codec_cfg.get("sampling_rate") != lm.sample_rate:
         raise SourceError(f"codec sample rate {codec_cfg.get('sampling_rate')} Hz does not match the LM's "
                           f"(xp.cfg sample_rate = {lm.sample_rate}); pass --codec with the codec it was trained with")
-    hf = {"model_type": "musicgen_melody" if lm.melody else "musicgen", "text_encoder": t5_cfg,
-          "audio_encoder": codec_cfg, "decoder": lm.hf_decoder}
+    hf = {"model_type": "musicgen_melody" if lm.melody else "magnet" if lm.magnet else "musicgen",
+          "text_encoder": t5_cfg, "audio_encoder": codec_cfg, "decoder": lm.hf_decoder}
+    if lm.magnet:
+        hf["magnet"] = lm.magnet
     pre = None
     if lm.melody:
         hf.update(num_chroma=lm.chroma["num_chroma"], chroma_length=lm.chroma["chroma_length"])
         pre = lm.chroma["preprocessor"]
     cfg = build_mlx_config(hf, label, pre)
     cfg.pop("source_defaults", None)
-    cfg["generation"]["max_duration"] = lm.segment_duration  # the training window (AudioGen: 10 s)
+    cfg["generation"]["max_duration"] = lm.segment_duration  # the training window (AudioGen, MAGNeT: 10 s)
 
     # Identity (name, license) of a known variant whose expectations hold; the rules stay ours.
     facts = config_facts(cfg)

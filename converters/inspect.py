@@ -43,7 +43,7 @@ def _inspect_mlx(folder: Path, cfg: dict) -> dict:
     expected = expected_shapes(cfg, quantized=True)  # packed weights, scales and biases included
     wrong = [k for k in expected if k in tensors and tuple(tensors[k][1]) != tuple(expected[k])]
     params = sum(int(_prod(shape)) for shape in expected_shapes(cfg).values())
-    return {
+    info = {
         "path": str(folder), "format": "mlx", "variant": cfg.get("variant") or "custom",
         "model_type": cfg["model_type"], "audio_channels": cfg["audio_channels"],
         "num_codebooks": cfg["num_codebooks"], "tensors": len(tensors), "parameters": params,
@@ -52,6 +52,12 @@ def _inspect_mlx(folder: Path, cfg: dict) -> dict:
         "manifest_diff": {"missing": sorted(set(expected) - set(tensors)),
                           "unexpected": sorted(set(tensors) - set(expected)), "wrong_shape": sorted(wrong)},
     }
+    if cfg.get("magnet"):  # MAGNeT: its masking settings and decoding defaults
+        gen = cfg.get("generation", {})
+        info["magnet"] = {**cfg["magnet"], "clip_seconds": gen.get("max_duration"),
+                          **{k: gen.get(k) for k in ("decoding_steps", "span_arrangement", "temperature", "top_p",
+                                                     "max_cfg_coef", "min_cfg_coef")}}
+    return info
 
 
 def _inspect_hf(folder: Path) -> dict:
@@ -96,6 +102,8 @@ def format_report(info: dict) -> str:
         elif k == "quantization" and v:
             lines.append(f"{k:<16} {v['bits']}-bit, group {v['group_size']}, recipe {v.get('recipe') or 'uniform'}, "
                          f"{len(v.get('modules', {}))} modules, {len(v.get('skipped', []))} skipped")
+        elif k == "magnet":
+            lines.append(f"{k:<16} " + ", ".join(f"{kk} {vv}" for kk, vv in v.items()))
         elif k == "bytes":
             lines.append(f"{k:<16} {v:,} ({v / 1e6:.1f} MB)")
         elif k == "parameters":

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mlx_music.runtime.generation import MAX_DURATION
+from mlx_music.runtime.magnet_generation import generation_config as magnet_generation_config
 from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
 
 from .errors import ManifestError
 
-SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
+SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody", "magnet")
 
 
 
@@ -179,6 +180,14 @@ def build_mlx_config(hf: dict, source: str, preprocessor: dict | None = None) ->
     }
 
     gen = generation_config()
+    magnet = None
+    if model_type == "magnet":  # audiocraft's MAGNeT: settings read from xp.cfg by converters/audiocraft.py
+        m = hf.get("magnet") or {}
+        segment = float(_get(m, "segment_duration", source, "magnet"))
+        magnet = {"subcodes_context": int(_get(m, "subcodes_context", source, "magnet")),
+                  "span_len": int(_get(m, "span_len", source, "magnet")),
+                  "segment_frames": int(frame_rate * segment)}  # audiocraft: int(frame rate x duration)
+        gen = magnet_generation_config(codebooks, segment)
 
     cfg = {
         "format": "mlx-music", "format_version": 1,
@@ -188,6 +197,8 @@ def build_mlx_config(hf: dict, source: str, preprocessor: dict | None = None) ->
         "text_encoder": text, "decoder": decoder, "audio_encoder": audio,
         "melody": None, "generation": gen, "dtype": "float32", "quantization": None,
     }
+    if magnet:
+        cfg["magnet"] = magnet
     if defaulted:
         cfg["source_defaults"] = defaulted  # fields config.json left out: transformers' defaults
     if melody:

@@ -55,6 +55,11 @@ class Request:
     greedy: bool | None = None
     melody: AudioInput | None = None  # melody models only
     audio_prompt: AudioInput | None = None  # audio to continue
+    # MAGNeT checkpoints only (runtime/magnet_generation.py); refused for MusicGen
+    max_cfg_coef: float | None = None
+    min_cfg_coef: float | None = None
+    decoding_steps: Sequence[int] | None = None
+    span_arrangement: str | None = None
 
 
 @dataclass(frozen=True)

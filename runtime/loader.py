@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_music.models.magnet import MagnetModel
 from mlx_music.models.musicgen import MusicGen
 from mlx_music.runtime.checkpoint import CheckpointError, RecordMissingError, verify_checkpoint
 from mlx_music.runtime.hub import resolve_model_path
@@ -29,9 +30,11 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict | None) -> nn.
 
 
 def build_model(config: dict) -> MusicGen:
-    """The MLX model for an mlx-music config.json, quantized as the checkpoint is; parameters are
-    lazy (nothing is allocated until they are evaluated or replaced by load_weights)."""
-    return quantize_like_checkpoint(MusicGen(config), config.get("quantization"))
+    """The MLX model for an mlx-music config.json (its family: MusicGen, or MAGNeT for
+    model_type "magnet"), quantized as the checkpoint is; parameters are lazy (nothing is
+    allocated until they are evaluated or replaced by load_weights)."""
+    cls = MagnetModel if config.get("model_type") == "magnet" else MusicGen
+    return quantize_like_checkpoint(cls(config), config.get("quantization"))
 
 
 def load_model(folder: Path, verify: bool = False) -> tuple[MusicGen, dict]:
