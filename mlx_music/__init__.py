@@ -1,7 +1,8 @@
 """mlx-music: convert MusicGen checkpoints to MLX and generate music with them.
 
     from mlx_music import load, convert
-    convert("facebook/musicgen-small", "out/musicgen-small")
+    model = load("facebook/musicgen-small")    # converted once into the cache, then loaded from it
+    convert("facebook/musicgen-small", "out/musicgen-small")   # or convert into a folder of your own
     model = load("out/musicgen-small")
     result = model.generate("80s pop with synths", duration=10.0)
 
@@ -26,7 +27,8 @@ __all__ = ["load", "convert", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import mlx_music.models` loads neither the runtime nor the converter.
     if name == "load":
-        from mlx_music.runtime.loader import load
+        # Through the conversion cache: an unconverted hub repo or folder is converted once.
+        from mlx_music.converters.autoconvert import load
 
         return load
     if name == "convert":

@@ -18,8 +18,8 @@ from pathlib import Path
 from mlx_music.runtime.checkpoint import (METADATA_FILES, RECORD, MissingFilesError, checkpoint_problems,
                                           config_problems, verify_checkpoint)
 
-__all__ = ["ALLOW_PATTERNS", "IncompleteCheckpointError", "ModelNotFoundError", "Source", "checkpoint_problems",
-           "resolve_model_path", "resolve_source"]
+__all__ = ["ALLOW_PATTERNS", "IncompleteCheckpointError", "ModelNotFoundError", "NotConvertedError", "Source",
+           "checkpoint_problems", "hub_cache_dir", "resolve_model_path", "resolve_source"]
 
 # Everything an MLX checkpoint folder can contain (notes/SPEC.md); nothing else is downloaded.
 ALLOW_PATTERNS = [*METADATA_FILES, "*.safetensors", RECORD]
@@ -34,6 +34,24 @@ class ModelNotFoundError(FileNotFoundError):
 
 class IncompleteCheckpointError(ModelNotFoundError):
     """The folder exists but is not a complete MLX checkpoint."""
+
+
+class NotConvertedError(IncompleteCheckpointError):
+    """The folder or hub snapshot holds a model that is not an MLX checkpoint at all (an original
+    PyTorch / transformers or audiocraft checkpoint): converters.autoconvert converts it.
+
+    folder: the local folder, or the hub snapshot (holding config.json only, when there is one);
+    repo_id / revision: the hub repo and the commit it resolved to (None for a local folder)."""
+
+    def __init__(self, message: str, folder: Path, repo_id: str | None = None, revision: str | None = None):
+        super().__init__(message)
+        self.folder, self.repo_id, self.revision = folder, repo_id, revision
+
+
+def _unconverted(folder: Path, problems: list[str]) -> bool:
+    """config.json says "not an MLX checkpoint" (absent, or another format), and nothing of an MLX
+    checkpoint is there (a conversion record means an MLX checkpoint that lost files)."""
+    return bool(problems) and problems[0].startswith("config.json") and not (folder / RECORD).exists()
 
 
 def _env_true(name: str) -> bool:
@@ -70,6 +88,9 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _check_local(folder: Path, label: str) -> Path:
+    problems = config_problems(folder)
+    if _unconverted(folder, problems):
+        raise NotConvertedError(f"{label} is not an MLX checkpoint: {problems[0]}", folder)
     try:
         verify_checkpoint(folder, "files")
     except MissingFilesError as e:
@@ -167,8 +188,9 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     * Otherwise it is a hub repo id ("org/name"): the checkpoint files are fetched into (or, with
       HF_HUB_OFFLINE=1, only looked up in) the HF cache at `revision` (branch, tag or commit hash).
 
-    Raises ModelNotFoundError (IncompleteCheckpointError for a folder/snapshot missing files)
-    with a one-line message naming the path or repo id and revision.
+    Raises ModelNotFoundError (IncompleteCheckpointError for a folder/snapshot missing files, its
+    subclass NotConvertedError for a model that is not an MLX checkpoint at all, e.g. an original
+    PyTorch repo) with a one-line message naming the path or repo id and revision.
     """
     raw = os.fspath(path_or_repo_id)
     local = _local_folder(raw, revision, "model", "an MLX checkpoint")
@@ -180,7 +202,10 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
     head = hub.download(["config.json"])
     problems = config_problems(head)
     if problems:
-        raise IncompleteCheckpointError(f"hub repo {hub.at} is not an MLX checkpoint: {problems[0]}")
+        msg = f"hub repo {hub.at} is not an MLX checkpoint: {problems[0]}"
+        if _unconverted(head, problems):
+            raise NotConvertedError(msg, head, raw, hub.commit_of(head) or revision)
+        raise IncompleteCheckpointError(msg)
     # Pin the second fetch to the commit just resolved, so both come from the same snapshot.
     folder = hub.download(ALLOW_PATTERNS, hub.commit_of(head) or revision)
     return _check_local(folder, f"hub repo {hub.at} ({'cached' if hub.offline else 'downloaded'} snapshot {folder})")

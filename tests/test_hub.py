@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from mlx_music.runtime.hub import (IncompleteCheckpointError, ModelNotFoundError, checkpoint_problems,
-                         resolve_model_path)
+from mlx_music.runtime.hub import (IncompleteCheckpointError, ModelNotFoundError, NotConvertedError,
+                                   checkpoint_problems, resolve_model_path)
 
 COMMIT_A = "a" * 8 + hashlib.sha1(b"A").hexdigest()[8:]
 COMMIT_B = hashlib.sha1(b"B").hexdigest()
@@ -162,6 +162,30 @@ def test_offline_unconverted_and_partial(offline_cache):
         resolve_model_path("facebook/musicgen-small")
     with pytest.raises(IncompleteCheckpointError, match="model-00002-of-00002.safetensors"):
         resolve_model_path("org/partial-mlx")
+
+
+def test_not_converted_is_told_apart_from_incomplete(offline_cache, tmp_path):
+    """An original (PyTorch) repo or folder raises NotConvertedError, carrying what the converter
+    needs (folder, repo id, commit); an MLX checkpoint that lost files does not."""
+    with pytest.raises(NotConvertedError) as e:
+        resolve_model_path("facebook/musicgen-small")
+    assert e.value.repo_id == "facebook/musicgen-small" and e.value.revision == COMMIT_A
+    assert e.value.folder == offline_cache / "models--facebook--musicgen-small" / "snapshots" / COMMIT_A
+    plain = write_folder(tmp_path / "pt", {"config.json": json.dumps({"model_type": "musicgen"}).encode()})
+    with pytest.raises(NotConvertedError) as e:
+        resolve_model_path(plain)
+    assert e.value.folder == plain and e.value.repo_id is None and "not an MLX checkpoint" in str(e.value)
+    audiocraft = write_folder(tmp_path / "ac", {"state_dict.bin": b"x"})  # no config.json at all
+    with pytest.raises(NotConvertedError):
+        resolve_model_path(audiocraft)
+    lost = write_folder(tmp_path / "lost", fake_checkpoint_files())
+    (lost / "config.json").unlink()
+    with pytest.raises(IncompleteCheckpointError) as e:
+        resolve_model_path(lost)
+    assert not isinstance(e.value, NotConvertedError) and "config.json missing" in str(e.value)
+    with pytest.raises(IncompleteCheckpointError) as e:
+        resolve_model_path("org/partial-mlx")
+    assert not isinstance(e.value, NotConvertedError)
 
 
 def test_bad_ids(offline_cache):
