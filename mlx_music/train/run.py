@@ -181,13 +181,15 @@ def train(opts: TrainOptions) -> Path:
     """Run (or resume) a training; returns the output folder. ValueError (one line) for bad input,
     TrainingStopped when the loss diverges."""
     opts.check()
-    out = _out_folder(opts)
+    lead = mx.distributed.init().rank() == 0
+    # Other ranks trust rank 0's check: it may already have created the folder when they look.
+    out = _out_folder(opts) if lead else Path(opts.out).expanduser()
     fresh = not opts.resume
     existed = out.exists()
     try:
         return _train(opts, out)
     except BaseException:
-        if fresh and out.exists() and not (out / CHECKPOINT).exists():
+        if lead and fresh and out.exists() and not (out / CHECKPOINT).exists():
             shutil.rmtree(out, ignore_errors=True)  # a run that failed before its first save leaves nothing
             if existed:
                 out.mkdir()
