@@ -530,9 +530,13 @@ def train(data, model_path, out, steps, batch_size, grad_accum, rank, alpha, lor
 
 
 @main.command()
-@click.argument("prompts", type=click.Path())
-@click.option("--model", "model_path", required=True, help="MLX checkpoint folder or hub repo id (org/name).")
-@click.option("--out-dir", required=True, type=click.Path(), help="Folder for the audio files and results.jsonl (created).")
+@click.argument("prompts", type=click.Path(), required=False)
+@click.option("--model", "model_path", default=None, help="MLX checkpoint folder or hub repo id (org/name). Required.")
+@click.option("--out-dir", default=None, type=click.Path(),
+              help="Folder for the audio files and results.jsonl (created). Required.")
+@click.option("--status", "status_dir", default=None, type=click.Path(),
+              help="Only report on the job in this folder: ok / failed / missing rows; exit 0 when every row "
+                   "is ok, 1 when rows failed, 3 when rows are missing (rerun the job).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=4, show_default=True,
               help="Rows generated together (rows are sorted by duration first).")
 @click.option("--format", "fmt", type=click.Choice(["wav", "flac"]), default="wav", show_default=True,
@@ -544,11 +548,24 @@ def train(data, model_path, out, steps, batch_size, grad_accum, rank, alpha, lor
 @functools.partial(_weight_options, cached=True)
 @friendly_errors
 def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verify, quiet, dtype, quantize, q_bits,
-          q_group_size, q_recipe):
+          q_group_size, q_recipe, status_dir):
     """Generate one audio file per row of a JSONL or CSV prompts file into --out-dir, with a
     results.jsonl manifest. Resumable: a rerun redoes only rows not finished. Under `mlx.launch`
-    the rows are split over the ranks. Exit 1 (from rank 0) if a row failed."""
-    from mlx_music.runtime.batch_job import run_batch
+    the rows are split over the ranks. Exit 1 (from rank 0) if a row failed. `mlx.launch` does
+    not forward the ranks' exit codes: check with `mlx-music batch --status DIR` after it."""
+    from mlx_music.runtime.batch_job import batch_status, run_batch
+
+    if status_dir is not None:
+        st = batch_status(status_dir)  # BatchError (a ValueError): one line, exit 2
+        click.echo(f"{st.rows} rows: {len(st.ok)} ok, {len(st.failed)} failed, {len(st.missing)} missing")
+        for i in st.failed:
+            click.echo(f"failed: {i}: {st.reasons[i]}")
+        for i in st.missing:
+            click.echo(f"missing: {i}")
+        sys.exit(st.exit_code)
+    for value, what in ((prompts, "PROMPTS (the prompts file)"), (model_path, "--model"), (out_dir, "--out-dir")):
+        if value is None:
+            raise click.UsageError(f"missing {what} (or pass --status DIR to check a job)")
 
     model_path = _model_folder(model_path, revision, dtype, _quantize_options(quantize, q_bits, q_group_size, q_recipe),
                                quiet)
@@ -563,7 +580,8 @@ def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verif
             click.echo(f"failed: {line}", err=True)
         if len(s.failures) > 20:
             click.echo(f"... and {len(s.failures) - 20} more failed rows (see {s.manifest})", err=True)
-    sys.exit(1 if s.rank == 0 and s.failed else 0)  # mlx.launch stops every rank when one exits non-zero
+    # the codes of --status; mlx.launch stops every rank when one exits non-zero
+    sys.exit(0 if s.rank > 0 else 3 if s.missing else 1 if s.failed else 0)
 
 
 def _model_specs(specs: tuple[str, ...]) -> dict[str, str]:

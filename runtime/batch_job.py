@@ -15,8 +15,13 @@ What a job writes into ``out_dir``:
   place, so a file with the final name is always complete;
 - ``results.part-<rank>.jsonl``: each process appends one line per finished row (flushed and
   fsync'ed), so a killed job keeps what it finished;
-- ``results.jsonl``: the merged manifest, one line per row of the prompts file, in file order,
-  written atomically by rank 0 at the start (what earlier runs finished, checked) and at the end.
+- ``results.jsonl``: the merged manifest, one line per row of the prompts file, in file order
+  (``ok``, ``failed``, or ``missing``: not finished yet), ASCII JSON, always replaced atomically:
+  by rank 0 at the start (what earlier runs finished, checked), by every rank after each of its
+  batches (under a lock file), and by rank 0 at the end. So a killed job leaves a complete,
+  current manifest, never an empty or torn one; `batch_status` (``mlx-music batch --status DIR``)
+  also reads the parts newer than it. ``mlx.launch`` does not forward the ranks' exit codes:
+  check with `batch_status` after it.
 
 A rerun skips rows listed ``ok`` whose file still has the recorded sha256 and whose request (prompt,
 duration, seed, settings, inputs, model checksum, format) is unchanged, and redoes the others.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -49,6 +55,7 @@ SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
 KEYS = ("id", "prompt", "duration", "seed", "melody", "audio_prompt", *SETTINGS)
 FORMATS = ("wav", "flac")
 MANIFEST = "results.jsonl"
+MISSING = "missing"  # the status of a row no run has finished
 PART_GLOB = "results.part-*.jsonl"
 TEMP_PREFIX = ".partial-"
 _MAX_ID_BYTES = 150  # the id is a file name: leave room for the temporary name's prefix
@@ -73,6 +80,7 @@ class PromptRow:
     melody: str | None = None  # as written in the file
     audio_prompt: str | None = None
     error: str | None = None
+    input_sha256: dict = field(default_factory=dict)  # "melody"/"audio_prompt" -> sha256 of the file read
     id_error: bool = False  # the id is unusable (bad, or a duplicate): the row has no file name
     resolved: dict | None = None  # the checkpoint's defaults + settings, once checked
 
@@ -88,6 +96,7 @@ class BatchSummary:
     rows: int = 0  # rows in the prompts file
     ok: int = 0  # in the manifest, ok (after the merge: every rank's rows; rank > 0: its own)
     failed: int = 0
+    missing: int = 0  # rows left unfinished (after the merge; 0 when every rank finished)
     skipped: int = 0  # already done by an earlier run
     generated: int = 0  # rows this process generated
     audio_seconds: float = 0.0  # audio this process generated
@@ -188,14 +197,17 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
     if ext not in (".jsonl", ".ndjson", ".json", ".csv"):
         raise BatchError(f"{path}: unsupported prompts file {ext or '(no extension)'!r}; use .jsonl or .csv")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # No newline translation: CSV fields may hold \r, and rows end only where each format says.
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise BatchError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BatchError(f"{path}: cannot read ({_one_line(e)})") from None
     rows: list[PromptRow] = []
     if ext == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+        # The csv module over the whole text: records end at an unquoted \n / \r\n only, never at
+        # the other characters str.splitlines() breaks on (U+2028, U+0085, ...), which stay in fields.
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:
             if not reader.fieldnames or not any(f.strip() for f in reader.fieldnames):
                 raise BatchError(f"{path}: no header row (expected columns like prompt,duration,seed)")
@@ -212,8 +224,8 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
         except csv.Error as e:
             raise BatchError(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)})") from None
     else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+        for i, line in enumerate(text.split("\n"), 1):  # JSON Lines end at \n only
+            if not line.strip(" \t\r"):  # JSON's whitespace; a line of U+2028 is a (bad) row
                 continue
             n = len(rows) + 1
             row = PromptRow(n, i, f"{n:05d}")
@@ -252,6 +264,8 @@ def check_rows(rows: Sequence[PromptRow], pipe: Any, base: Path) -> None:
                 p = getattr(row, key)
                 if p is not None and not (base / p).is_file():
                     raise ValueError(f"{key} {p}: file not found")
+                if p is not None:  # the row's identity is the file's contents, not its path
+                    row.input_sha256[key] = sha256_file(base / p)
             if row.melody is not None and not pipe.is_melody:
                 raise ValueError("melody: this checkpoint is not a melody model (use a musicgen-melody variant)")
         except ValueError as e:
@@ -275,11 +289,13 @@ def model_checksum(folder: str | os.PathLike[str]) -> str:
 def _request(row: PromptRow, model: str, model_sha: str, fmt: str) -> dict:
     """What a manifest line must hold for a row's file to count as this row's output."""
     return {"id": row.id, "file": f"{row.id}.{fmt}", "prompt": row.prompt, "duration": row.duration,
-            "seed": row.seed, "settings": row.resolved, "melody": row.melody, "audio_prompt": row.audio_prompt,
-            "model": model, "model_sha256": model_sha}
+            "seed": row.seed, "settings": row.resolved, "melody": row.melody,
+            "melody_sha256": row.input_sha256.get("melody"), "audio_prompt": row.audio_prompt,
+            "audio_prompt_sha256": row.input_sha256.get("audio_prompt"), "model": model, "model_sha256": model_sha}
 
 
-_MATCH = ("id", "file", "prompt", "duration", "seed", "settings", "melody", "audio_prompt", "model_sha256")
+_MATCH = ("id", "file", "prompt", "duration", "seed", "settings", "melody", "melody_sha256", "audio_prompt",
+          "audio_prompt_sha256", "model_sha256")
 
 
 def _matches(entry: dict, req: dict) -> bool:
@@ -293,7 +309,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
         return out
-    for line in text.splitlines():
+    for line in text.split("\n"):  # we write ASCII JSON, one entry per \n
         try:
             entry = json.loads(line)
         except ValueError:
@@ -301,6 +317,12 @@ def _read_jsonl(path: Path) -> list[dict]:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
             out.append(entry)
     return out
+
+
+def _line(entry: dict) -> str:
+    """One manifest line: ASCII JSON (\\uXXXX escapes), so no character of a prompt can break a
+    line for any reader, whatever it splits lines on."""
+    return json.dumps(entry, ensure_ascii=True) + "\n"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -323,12 +345,21 @@ def _collect(out_dir: Path) -> dict[str, dict]:
     return latest
 
 
+def _missing(row: PromptRow) -> dict:
+    """The line of a row no run has finished yet (pending, or lost with a killed process)."""
+    entry = {"id": row.id, "row": row.number, "prompt": row.prompt, "duration": row.duration, "seed": row.seed}
+    return {**{k: v for k, v in entry.items() if v is not None}, "status": MISSING,
+            "reason": "not generated yet (rerun the same command to finish it)"}
+
+
 def _consolidate(out_dir: Path, rows: Sequence[PromptRow], verify: bool,
-                 failed: Callable[[PromptRow], dict]) -> list[dict]:
-    """Rank 0: merge results.jsonl and the parts into results.jsonl (one line per row that has an
-    entry, in file order), remove the parts and temporary files. ``verify``: an ok entry whose
-    file is gone or has another sha256 is dropped (the row will be redone). Rows without a
-    usable id (bad or duplicate) get their failed line, ``failed(row)``, here."""
+                 failed: Callable[[PromptRow], dict], cleanup: bool = True) -> list[dict]:
+    """Merge results.jsonl and the parts into results.jsonl: one line per row of the prompts
+    file, in file order, ``missing`` for rows without a finished entry, written atomically (never
+    empty, never torn). ``verify``: an ok entry whose file is gone or has another sha256 becomes
+    missing (the row will be redone). Rows without a usable id (bad or duplicate) get their
+    failed line, ``failed(row)``, here. ``cleanup`` (rank 0, no other rank running): also remove
+    the parts and temporary files, whose lines are now in results.jsonl."""
     latest = _collect(out_dir)
     entries = []
     for row in rows:
@@ -336,17 +367,79 @@ def _consolidate(out_dir: Path, rows: Sequence[PromptRow], verify: bool,
             entries.append(failed(row))
             continue
         e = latest.get(row.id)
-        if e is None:
-            continue
-        if e.get("status") == "ok" and verify:
+        if e is not None and e.get("status") == "ok" and verify:
             f = out_dir / str(e.get("file", ""))
             if f.parent != out_dir or not f.is_file() or sha256_file(f) != e.get("sha256"):
-                continue
-        entries.append(e)
-    _write_atomic(out_dir / MANIFEST, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-    for p in [*out_dir.glob(PART_GLOB), *out_dir.glob(TEMP_PREFIX + "*")]:
-        p.unlink(missing_ok=True)
+                e = None
+        entries.append(_missing(row) if e is None or e.get("status") not in ("ok", "failed") else e)
+    _write_atomic(out_dir / MANIFEST, "".join(_line(e) for e in entries))
+    if cleanup:
+        for p in [*out_dir.glob(PART_GLOB), *out_dir.glob(TEMP_PREFIX + "*")]:
+            p.unlink(missing_ok=True)
     return entries
+
+
+def _merge_now(out_dir: Path, rows: Sequence[PromptRow], failed: Callable[[PromptRow], dict]) -> None:
+    """Any rank, after each batch: results.jsonl brought up to date with every part, so a killed
+    job leaves a manifest that lists what was done. A lock file keeps two ranks' merges from
+    replacing each other's newer view."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX: merge without the lock)
+        fcntl = None
+    with open(out_dir / f"{TEMP_PREFIX}lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            _consolidate(out_dir, rows, verify=False, failed=failed, cleanup=False)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class BatchStatus:
+    """What a batch output folder holds: row ids by state, in prompts-file order."""
+
+    ok: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # finished, but the row could not be generated
+    missing: list[str] = field(default_factory=list)  # not finished: rerun the job
+    reasons: dict[str, str] = field(default_factory=dict)  # failed id -> one-line reason
+
+    @property
+    def rows(self) -> int:
+        return len(self.ok) + len(self.failed) + len(self.missing)
+
+    @property
+    def exit_code(self) -> int:
+        """0: every row ok; 3: rows missing (unfinished: rerun the same command); 1: finished, but
+        rows failed (fix them in the prompts file, then rerun)."""
+        return 3 if self.missing else 1 if self.failed else 0
+
+
+def batch_status(out_dir: str | os.PathLike[str]) -> BatchStatus:
+    """The state of every row of a job from its folder alone (results.jsonl, which lists every
+    row, and the part files newer than it, e.g. after a killed run); reads, never writes. An ok
+    row whose file is gone counts as missing. Raises BatchError (one line) when ``out_dir`` holds
+    no results.jsonl."""
+    out = Path(out_dir)
+    if not (out / MANIFEST).is_file():
+        raise BatchError(f"--status {out}: no {MANIFEST} (not a batch output folder)")
+    latest = _collect(out)
+    st = BatchStatus()
+    for entry in _read_jsonl(out / MANIFEST):
+        e = latest[entry["id"]]
+        status = e.get("status")
+        if status == "ok" and not (out / str(e.get("file", ""))).is_file():
+            status = MISSING
+        if status == "ok":
+            st.ok.append(e["id"])
+        elif status == "failed":
+            st.failed.append(e["id"])
+            st.reasons[e["id"]] = _one_line(e.get("reason", ""))
+        else:
+            st.missing.append(e["id"])
+    return st
 
 
 # ------------------------------------------------------------------------------ the job
@@ -439,7 +532,7 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
             _Bar(progress and ranks.rank == 0, sum(r.duration for r in mine if not r.error),
                  f"rank 0/{ranks.size}" if ranks.size > 1 else "batch") as bar:
         def record(entry: dict) -> None:
-            part_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            part_file.write(_line(entry))
             part_file.flush()
             os.fsync(part_file.fileno())
             if entry["status"] == "ok":
@@ -450,6 +543,8 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
 
         for row in (r for r in mine if r.error):
             record(failed(row))
+        if any(r.error for r in mine):
+            _merge_now(out, rows, failed)
         # A row with an audio prompt runs alone: prompts of different lengths in one batch would
         # change its codes (see MusicGenPipeline.generate_batch), and files must not depend on
         # how the rows were batched or split over ranks.
@@ -469,6 +564,7 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
                         "channels": int(result.shape[0]), "status": "ok"})
                 summary.generated += 1
                 summary.audio_seconds += samples / pipe.sample_rate
+            _merge_now(out, rows, failed)
     summary.seconds = time.perf_counter() - t0
 
     ranks.barrier()  # every rank has finished its share
@@ -476,11 +572,13 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
         entries = _consolidate(out, rows, verify=False, failed=failed)
         summary.manifest = out / MANIFEST
         summary.ok = sum(e.get("status") == "ok" for e in entries)
-        summary.failed = len(entries) - summary.ok
-        summary.failures = [f"{e['id']}: {e.get('reason')}" for e in entries if e.get("status") != "ok"]
+        summary.failed = sum(e.get("status") == "failed" for e in entries)
+        summary.missing = len(entries) - summary.ok - summary.failed
+        summary.failures = [f"{e['id']}: {e.get('reason')}" for e in entries if e.get("status") == "failed"]
         if log:
-            log(f"{len(rows)} rows: {summary.ok} ok ({summary.skipped} done earlier), {summary.failed} failed; "
-                f"manifest {summary.manifest}")
+            missing = f", {summary.missing} missing" if summary.missing else ""
+            log(f"{len(rows)} rows: {summary.ok} ok ({summary.skipped} done earlier), {summary.failed} failed"
+                f"{missing}; manifest {summary.manifest}")
     ranks.barrier()  # nobody leaves (and maybe restarts) before the merge is on disk
     return summary
 

@@ -178,7 +178,7 @@ def test_bad_rows_fail_alone_and_the_job_goes_on(tmp_path, pipe, model):
         ("00010", 10, "failed", "not valid JSON (Expecting ',' delimiter: line 1 column 32 (char 31))"),
         ("nop", 11, "failed", "prompt: missing"),
         # found only when generating: its batch is redone row by row, the others still succeed
-        ("cont", 12, "failed", f"{broken}: cannot read audio (unsupported or corrupt file: Error opening "
+        ("cont", 12, "failed", f"audio_prompt {broken}: cannot read audio (unsupported or corrupt file: Error opening "
                                f"'{broken}': Format not recognised.)"),
         ("ok2", None, "ok", None),
     ]
@@ -291,6 +291,9 @@ def test_two_ranks_share_the_rows_and_match_one_process(tmp_path, model, cli_ref
     assert sorted(line.split(" s of audio")[0] for line in done) == [
         "rank 0/2: generated 4 rows, 0.4", "rank 1/2: generated 4 rows, 0.4"]  # each row exactly once
     check_complete(tmp_path / "out", IDS, model, cli_reference[1])  # bit for bit what one process wrote
+    st = subprocess.run([str(BIN / "mlx-music"), "batch", "--status", str(tmp_path / "out")], capture_output=True,
+                        text=True, timeout=120)
+    assert (st.returncode, st.stdout) == (0, "8 rows: 8 ok, 0 failed, 0 missing\n")
 
 
 def test_a_killed_rank_leaves_its_rows_to_the_resume(tmp_path, model, cli_reference):
@@ -308,6 +311,14 @@ def test_a_killed_rank_leaves_its_rows_to_the_resume(tmp_path, model, cli_refere
     _finish(p)  # mlx.launch stops rank 0 too
     finished = {e["id"] for part in out.glob("results.part-*.jsonl") for e in map(json.loads, part.open())}
     assert 1 <= len(finished) < 8
+    # mlx.launch's exit code says nothing (issue 22): results.jsonl lists every row, never empty,
+    # and `batch --status` (manifest + parts) says which rows are missing, exit 3
+    assert [e["id"] for e in manifest(out)] == IDS
+    assert {e["id"] for e in manifest(out) if e["status"] == "ok"} <= finished
+    st = subprocess.run([str(BIN / "mlx-music"), "batch", "--status", str(out)], capture_output=True, text=True,
+                        timeout=120)
+    assert st.returncode == 3, st.stdout + st.stderr
+    assert st.stdout.splitlines()[0] == f"8 rows: {len(finished)} ok, 0 failed, {8 - len(finished)} missing"
     log = cli_batch(prompts, model, out, 4)  # resumed by one process
     assert f"8 rows: 8 ok ({len(finished)} done earlier), 0 failed" in log, log
     check_complete(out, IDS, model, cli_reference[1])  # no truncated, duplicated or temporary file left
@@ -335,3 +346,76 @@ def test_row_seeds_use_the_one_range_and_files_record_them(tmp_path, pipe, model
             assert tags == {"seed": e["seed"], "prompt": e["prompt"], "duration": e["duration"],
                             "settings": e["settings"], "model": str(model), "id": e["id"]}
     assert manifest(tmp_path / "out")[-1]["seed"] == 5 and manifest(tmp_path / "out")[-1]["settings"]["top_k"] == 7
+
+
+# ---------------------------------------------------------- issue 22: rows, inputs, manifest
+# U+0085 (NEL), U+2028/U+2029 and \x1c-\x1e are line breaks to str.splitlines(), not to JSONL
+# (lines end at \n) or CSV (records end at an unquoted \n or \r\n).
+SEPARATORS = "a\u0085b\u2028c\u2029d\x1ce\x1df\x1eg\x0bh\x0ci"
+
+
+def test_line_separators_never_lose_or_invent_rows(tmp_path, pipe, model):
+    rows = [{"id": "esc", "prompt": f"esc {SEPARATORS}", "duration": 0.04, "seed": 1},
+            {"id": "raw", "prompt": f"raw {SEPARATORS}", "duration": 0.04, "seed": 2},
+            {"id": "plain", "prompt": "plain", "duration": 0.04, "seed": 3}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps(rows[0], ensure_ascii=True) + "\r\n" + json.dumps(rows[1], ensure_ascii=False)
+                     + "\n\n" + json.dumps(rows[2]) + "\n", encoding="utf-8")
+    assert "\u2028" in jsonl.read_text(encoding="utf-8")  # the raw row holds the characters unescaped
+    csv_rows = [dict(r) for r in rows]
+    csv_rows[2]["prompt"] = "two\nlines, \"quoted\"\r\nand a CR\r"  # a quoted multi-line field
+    csvf = write_csv(tmp_path / "p.csv", csv_rows)
+    for path, want in ((jsonl, rows), (csvf, csv_rows)):
+        got = read_prompts(path)
+        assert [(r.id, r.prompt, r.error) for r in got] == [(r["id"], r["prompt"], None) for r in want], path
+        out = tmp_path / f"out-{path.suffix[1:]}"
+        s = run_batch(path, pipe, out, batch_size=4, progress=False, model_name=str(model))
+        assert (s.ok, s.failed, s.generated) == (3, 0, 3)
+        lines = (out / MANIFEST).read_bytes().split(b"\n")
+        assert lines[-1] == b"" and len(lines) == 4 and all(line.isascii() for line in lines)  # escaped
+        assert [(e["id"], e["prompt"]) for e in manifest(out)] == [(r["id"], r["prompt"]) for r in want]
+        assert sorted(p.name for p in out.iterdir()) == sorted(["esc.wav", "raw.wav", "plain.wav", MANIFEST])
+        again = run_batch(path, pipe, out, batch_size=4, progress=False, model_name=str(model))
+        assert (again.skipped, again.generated) == (3, 0)  # every row found done
+
+
+def test_resume_compares_input_contents_not_paths(tmp_path, pipe, model):
+    """Replacing a row's audio_prompt (or melody) file by another at the same path redoes the row."""
+    from mlx_music.runtime import save_audio
+
+    t = np.arange(16000) / 32000
+    save_audio(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 32000)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "cont", "prompt": "x", "duration": 0.8, "seed": 1, "audio_prompt": "in.wav"},
+        {"id": "plain", "prompt": "x", "duration": 0.1, "seed": 1}])
+    out = tmp_path / "out"
+    first = run_batch(prompts, pipe, out, progress=False, model_name=str(model))
+    assert (first.ok, first.generated) == (2, 2)
+    entry = manifest(out)[0]
+    assert entry["audio_prompt_sha256"] == sha256_file(tmp_path / "in.wav")
+    save_audio(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 330 * t), 32000)  # same path, new melody
+    second = run_batch(prompts, pipe, out, progress=False, model_name=str(model))
+    assert (second.skipped, second.generated) == (1, 1)
+    assert manifest(out)[0]["audio_prompt_sha256"] == sha256_file(tmp_path / "in.wav") != entry["audio_prompt_sha256"]
+    assert manifest(out)[0]["sha256"] != entry["sha256"]
+
+
+def test_melody_identity_is_its_sha256(tmp_path):
+    """The melody path of a row: its request (what resume compares) holds the file's sha256."""
+    from mlx_music.runtime.batch_job import _request, check_rows
+
+    class MelodyModel:
+        defaults: dict = {}
+        is_melody = True
+
+    (tmp_path / "hum.wav").write_bytes(b"one")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "duration": 1, "melody": "hum.wav"}])
+    rows = read_prompts(prompts)
+    check_rows(rows, MelodyModel(), tmp_path)
+    a = _request(rows[0], "m", "sha", "wav")
+    (tmp_path / "hum.wav").write_bytes(b"two")
+    rows = read_prompts(prompts)
+    check_rows(rows, MelodyModel(), tmp_path)
+    b = _request(rows[0], "m", "sha", "wav")
+    assert a["melody"] == b["melody"] == "hum.wav" and a["melody_sha256"] != b["melody_sha256"]
+    assert b["melody_sha256"] == sha256_file(tmp_path / "hum.wav") and a["audio_prompt_sha256"] is None
