@@ -61,6 +61,7 @@ def test_resume_is_bit_identical(tmp_path, tones, mlx_folder):
     whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole_rows]
     assert "val_loss" in rows[2] and "val_loss" in rows[5]
+    assert (whole / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _logits_mlx(pipe, codes, ids, mask):
