@@ -81,16 +81,16 @@ class MagnetSampling:
         """
         if overrides.pop("guidance_scale", None) is not None:
             raise ValueError("guidance_scale: MAGNeT anneals its guidance from max_cfg_coef to min_cfg_coef "
-                             f"({defaults.get('max_cfg_coef', 10.0)} -> {defaults.get('min_cfg_coef', 1.0)}); "
-                             "set those instead")
+                             f"({defaults.get('max_cfg_coef', 10.0)} -> {defaults.get('min_cfg_coef', 1.0)}) "
+                             "(use max_cfg_coef and min_cfg_coef instead)")
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in {**MAGNET_DEFAULTS, "decoding_steps": default_decoding_steps(num_codebooks),
                                     **defaults}.items() if k in names}
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)
         if given.get("top_k") and values.get("top_p") and "top_p" not in given:
-            raise ValueError(f"top_k {given['top_k']}: this MAGNeT checkpoint samples with top_p "
-                             f"{values['top_p']} (top-k applies only when top_p is 0); pass top_p=0 with it")
+            raise ValueError(f"top_k {given['top_k']}: this MAGNeT checkpoint samples with top_p {values['top_p']}; "
+                             "top-k applies only when top_p is 0 (use top_p 0 with it)")
         steps = values["decoding_steps"]
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or len(steps) != num_codebooks or \
                 not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in steps):

@@ -126,6 +126,7 @@ def masked_grid(stage: int, k: int, t: int, g: torch.Generator) -> torch.Tensor:
     spans of 3 masked, above all masked (id CARD)."""
     codes = torch.randint(0, CARD, (1, k, t), generator=g)
     spans = torch.rand(t // 3, generator=g) < 0.5
+    spans[0], spans[-1] = True, False  # partly masked, whatever the draw
     codes[0, stage, spans.repeat_interleave(3)] = CARD
     codes[0, stage + 1:] = CARD
     return codes
