@@ -71,3 +71,18 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def browser_path() -> str:
+    """The Chrome/Chromium the page test drives (scripts/browser.py finds it; scripts/setup.sh
+    installs one where it can). None found: the test fails with one line saying how to get one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlx_music_browser", Path(__file__).parents[1] / "scripts" / "browser.py")
+    finder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finder)
+    path = finder.find_browser()
+    if path is None:
+        pytest.fail(finder.install_hint(), pytrace=False)
+    return path

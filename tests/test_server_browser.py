@@ -1,7 +1,7 @@
-"""The page at `/` in a real browser: Debian's chromium driven by Playwright (never
-`playwright install`). Types a prompt, presses Generate, and checks that the <audio> element plays
-while the clip is still being generated, that the finished clip has the requested duration, that
-it appears in the list, and that its WAV download is a valid file."""
+"""The page at `/` in a real browser: Chrome/Chromium (the `browser_path` fixture finds it) driven
+by Playwright (never `playwright install`). Types a prompt, presses Generate, and checks that the
+<audio> element plays while the clip is still being generated, that the finished clip has the
+requested duration, that it appears in the list, and that its WAV download is a valid file."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from mlx_music.runtime import load
 from mlx_music.server import ServerConfig, create_app
 from server_helpers import ROOT, UvicornThread, convert_embedded
 
-CHROMIUM = "/usr/bin/chromium"
 DURATION = 10.0
 
 
-def test_page_plays_while_generating_and_keeps_the_clip(tmp_path):
+def test_page_plays_while_generating_and_keeps_the_clip(tmp_path, browser_path):
     pipe = load(convert_embedded(tmp_path / "tiny"))
     app = create_app({"tiny-stereo": pipe}, ServerConfig(chunk_seconds=0.25, temp_root=str(tmp_path)))
     with UvicornThread(app) as srv, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM,
+        browser = pw.chromium.launch(executable_path=browser_path,
                                      args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
