@@ -278,7 +278,19 @@ _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--
           "guidance_scale": "--guidance", "greedy": "--greedy", "extend_stride": "--extend-stride",
           "melody": "--melody", "audio_prompt": "--continue-from", "seed": "--seed",
           "chunk_seconds": "--chunk-seconds", "prompts": "--prompt", "adapter": "--adapter",
-          "dtype": "--dtype", "quantize": "-q"}
+          "dtype": "--dtype", "quantize": "-q", "decoding_steps": "--decoding-steps",
+          "span_arrangement": "--span-arrangement", "max_cfg_coef": "--max-cfg-coef", "min_cfg_coef": "--min-cfg-coef"}
+
+
+def _settings_record(pipe, sampling: dict, magnet: dict):
+    """The resolved settings a written file records: MAGNeT's own for MAGNeT checkpoints."""
+    if getattr(pipe, "is_magnet", False):
+        from mlx_music.runtime.magnet_generation import MagnetSampling
+
+        return MagnetSampling.from_defaults(pipe.defaults, pipe.num_codebooks, **sampling, **magnet)
+    from mlx_music.runtime.sampling import SamplingConfig
+
+    return SamplingConfig.from_defaults(pipe.defaults, **sampling)
 
 
 def _as_flags(e: ValueError) -> ValueError:
@@ -317,11 +329,18 @@ def _as_flags(e: ValueError) -> ValueError:
 @click.option("-v", "--verbose", is_flag=True, help="Print steps/s and the active BLAS.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--adapter", default=None, help="MLX LoRA adapter (from `mlx-music convert-adapter`) applied to --model.")
+@click.option("--decoding-steps", default=None,
+              help="MAGNeT: decoding passes per codebook, comma-separated (default 20,10,10,10).")
+@click.option("--span-arrangement", type=click.Choice(["nonoverlap", "stride1"]), default=None,
+              help="MAGNeT: fixed spans (nonoverlap, the default; trims to whole spans) or overlapping (stride1).")
+@click.option("--max-cfg-coef", type=float, default=None, help="MAGNeT: guidance at each codebook's first pass (default 10).")
+@click.option("--min-cfg-coef", type=float, default=None, help="MAGNeT: guidance at each codebook's last pass (default 1).")
 @functools.partial(_weight_options, cached=True)
 @friendly_errors
 def generate(model_path, prompts, duration, out, seed, guidance, temperature, top_k, top_p, greedy, melody,
              continue_from, extend_stride, stream, chunk_seconds, revision, verify, no_compile, verbose, quiet,
-             adapter, dtype, quantize, q_bits, q_group_size, q_recipe):
+             adapter, dtype, quantize, q_bits, q_group_size, q_recipe, decoding_steps=None, span_arrangement=None,
+             max_cfg_coef=None, min_cfg_coef=None):
     """Generate music from text (and a melody or an audio prompt) with an MLX checkpoint."""
     import dataclasses
     import math
@@ -329,10 +348,17 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 
     from mlx_music.runtime import load, save_audio
     from mlx_music.runtime.audio_io import generation_tags
-    from mlx_music.runtime.sampling import SamplingConfig, check_seed, derive_seed, random_seed
+    from mlx_music.runtime.sampling import check_seed, derive_seed, random_seed
 
     if not math.isfinite(duration) or duration <= 0:
         raise ValueError(f"--duration {duration}: must be a positive number of seconds")
+    if decoding_steps is not None:
+        try:
+            decoding_steps = [int(x) for x in decoding_steps.split(",")]
+        except ValueError:
+            raise ValueError(f"--decoding-steps {decoding_steps}: expected integers separated by commas") from None
+    magnet = dict(decoding_steps=decoding_steps, span_arrangement=span_arrangement, max_cfg_coef=max_cfg_coef,
+                  min_cfg_coef=min_cfg_coef)
     seed = check_seed(seed, "--seed")  # before the model loads
     # without --seed: a random one, printed and recorded in the files, so a result can be redone
     given_seed, seed = seed is not None, random_seed() if seed is None else seed
@@ -360,7 +386,8 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.1f} s; BLAS: {blas_info()['blas']}", err=True)
     pipe.compile_step = not no_compile
     sampling = dict(guidance_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-    kwargs = dict(seed=seed, **sampling, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride)
+    kwargs = dict(seed=seed, **sampling, melody=melody, audio_prompt=continue_from, extend_stride=extend_stride,
+                  **magnet)
     try:
         if stream:
             chunks = pipe.stream(list(prompts), duration, chunk_seconds=chunk_seconds, **kwargs)
@@ -372,7 +399,7 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         click.echo(f"seed {seed} (pass --seed {seed} for the same audio again)", err=True)
     # What each file records in its metadata (a comment tag): enough to make it again.
     made = {"duration": duration, "model": model_path,
-            "settings": dataclasses.asdict(SamplingConfig.from_defaults(pipe.defaults, **sampling)),
+            "settings": dataclasses.asdict(_settings_record(pipe, sampling, magnet)),
             **{k: v for k, v in (("melody", melody), ("audio_prompt", continue_from), ("extend_stride", extend_stride),
                                  ("adapter", adapter)) if v is not None}}
 
@@ -395,7 +422,10 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch, "
                    f"seed {seed})")
         return
-    if verbose:
+    if verbose and getattr(pipe, "is_magnet", False):  # passes over the whole clip, not one frame each
+        st, seconds = result.stats, max(a.shape[-1] for a in result.audio) / result.sample_rate
+        click.echo(f"{st.steps} decoding passes in {st.seconds:.2f} s ({seconds / st.seconds:.2f}x real time)", err=True)
+    elif verbose:
         st = result.stats
         click.echo(f"{st.steps} steps in {st.seconds:.2f} s: {st.steps_per_s:.1f} steps/s "
                    f"({st.steps_per_s / pipe.frame_rate:.2f}x real time)", err=True)

@@ -240,12 +240,8 @@ def test_api_refuses_naming_the_parameter(pipes, settings, needle):
     assert str(e.value).startswith(needle.split(" ")[0]) and needle in str(e.value)
 
 
-def test_magnet_settings_refused_for_musicgen(tmp_path):
-    import mlx_music
-
-    r = cli("convert", "--hf-path", str(DATA / "mono"), "--mlx-path", str(tmp_path / "mono"), "--quiet")
-    assert r.exit_code == 0
-    pipe = mlx_music.load(tmp_path / "mono")
+def test_magnet_settings_refused_for_musicgen(pipes):
+    pipe = pipes("mono")  # the MusicGen fixture of tests/test_audiocraft.py
     with pytest.raises(ValueError, match="^decoding_steps: applies to MAGNeT checkpoints only"):
         pipe.generate("80s pop", 0.2, decoding_steps=[1, 1, 1, 1])
 
@@ -301,3 +297,28 @@ def test_convert_refuses_unsupported_magnet_settings(tmp_path, edit, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_cli_magnet_options_equal_the_api(converted, pipes, tmp_path):
+    import soundfile as sf
+
+    out = tmp_path / "a.wav"
+    r = cli("generate", "--model", str(converted("magnet")), "--prompt", "calm piano", "--out", str(out), "--quiet",
+            "--duration", "1", "--seed", "5", "--decoding-steps", "3,2,2,2", "--span-arrangement", "stride1",
+            "--max-cfg-coef", "4", "--min-cfg-coef", "2", "--temperature", "2")
+    assert r.exit_code == 0, r.stderr
+    res = pipes("magnet").generate("calm piano", 1.0, seed=5, decoding_steps=[3, 2, 2, 2], span_arrangement="stride1",
+                                   max_cfg_coef=4.0, min_cfg_coef=2.0, temperature=2.0)
+    wav, sr = sf.read(out, dtype="float32")
+    assert sr == 32000 and wav.shape[0] == res.audio[0].shape[-1] == 32000  # stride1: 50 frames, no trim
+    assert np.abs(wav - res.audio[0][0]).max() < 1 / 32767 + 1e-6  # 16-bit PCM of the same samples
+    r = cli("generate", "--model", str(converted("magnet")), "--prompt", "x", "--out", str(out), "--duration", "1",
+            "--decoding-steps", "3,2")
+    assert r.exit_code == 2 and r.stderr.strip().startswith("error: --decoding-steps [3, 2]: must be 4 integers")
+
+
+def test_cli_magnet_option_refused_for_musicgen(converted, tmp_path):
+    r = cli("generate", "--model", str(converted("mono")), "--prompt", "x", "--out", str(tmp_path / "a.wav"),
+            "--duration", "0.2", "--span-arrangement", "stride1")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: --span-arrangement: applies to MAGNeT checkpoints only"
