@@ -37,6 +37,9 @@ from .shard_reader import _TORCH_TO_ST, FLOAT_DTYPES, CheckpointReader, TensorIn
 from mlx_music.manifests import MANIFEST_DIR
 from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 
+# audiocraft's AudioGen.set_generation_params(extend_stride=2): a 10 s window advances 2 s (MusicGen's
+# 18 s of 30 s is the runtime's default, generation.STRIDE_RATIO).
+AUDIOGEN_EXTEND_STRIDE = 2.0
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
 FORMATS = ("audiocraft", "transformers")
@@ -251,7 +254,10 @@ class XpConfig:
         return value
 
     def expect(self, path: str, want: Any, why: str, default: Any = _MISSING) -> None:
-        got = self.get(path, want if default is _MISSING else default)
+        """Refuse ``path`` unless it equals ``want``. A missing field is refused by name, unless
+        ``default`` is given: then it is audiocraft's own default for that field (what audiocraft
+        builds when the field is absent), never simply the value we hope for."""
+        got = self.get(path, default)
         if got != want:
             raise ManifestError(f"{self.source}: xp.cfg {path} = {got!r} is not supported ({why}; expected {want!r})")
 
@@ -272,7 +278,7 @@ class LmSettings:
 def read_lm_settings(xp: XpConfig) -> LmSettings:
     """Everything the MLX runtime reproduces, checked field by field; anything it does not
     implement is refused naming the xp.cfg field."""
-    lm_model = xp.get("lm_model", "transformer_lm")
+    lm_model = xp.get("lm_model")  # audiocraft's get_lm_model reads it: no default
     if lm_model not in ("transformer_lm", "transformer_lm_magnet"):
         raise ManifestError(f"{xp.source}: xp.cfg lm_model = {lm_model!r} is not supported (expected "
                             "'transformer_lm' (MusicGen, AudioGen) or 'transformer_lm_magnet' (MAGNeT))")
@@ -320,9 +326,10 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
     xp.expect("codebooks_pattern.delay.flatten_first", 0, "no flattened codebooks", default=0)
     xp.expect("codebooks_pattern.delay.empty_initial", 0, "no empty initial steps", default=0)
 
-    cross, prepend = xp.get("fuser.cross", []), xp.get("fuser.prepend", [])
+    # audiocraft's get_condition_fuser reads all four lists: none has a default
+    cross, prepend = xp.get("fuser.cross"), xp.get("fuser.prepend")
     for key in ("sum", "input_interpolate"):
-        xp.expect(f"fuser.{key}", [], "only cross-attention (text) and prepend (melody) fusing", default=[])
+        xp.expect(f"fuser.{key}", [], "only cross-attention (text) and prepend (melody) fusing")
     xp.expect("fuser.cross_attention_pos_emb", False, "cross-attention without positions", default=False)
     if cross == ["description"] and prepend == []:
         melody = False
@@ -346,7 +353,8 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
         c = "conditioners.self_wav"
         xp.expect(f"{c}.model", "chroma_stem", "chroma melody conditioning only")
         n_fft = 2 ** xp.typed(f"{c}.chroma_stem.radix2_exp", int)
-        xp.expect(f"{c}.chroma_stem.argmax", True, "one-hot chroma", default=True)
+        # audiocraft's ChromaExtractor defaults to argmax=False (soft chroma), which is not ported
+        xp.expect(f"{c}.chroma_stem.argmax", True, "one-hot chroma", default=False)
         for k in ("winlen", "winhop"):
             if xp.get(f"{c}.chroma_stem.{k}", None) not in (None, n_fft if k == "winlen" else n_fft // 4):
                 raise ManifestError(f"{xp.source}: xp.cfg {c}.chroma_stem.{k} is not supported")
@@ -390,9 +398,9 @@ def read_magnet_settings(xp: XpConfig, n_q: int, channels: int) -> dict:
 def _magnet_lm(xp: XpConfig, magnet: dict, dim: int, heads: int, layers: int, n_q: int, card: int,
                hidden_scale: float) -> LmSettings:
     """LmSettings of a MAGNeT LM: text by cross-attention only (no melody MAGNeT exists)."""
-    cross, prepend = xp.get("fuser.cross", []), xp.get("fuser.prepend", [])
+    cross, prepend = xp.get("fuser.cross"), xp.get("fuser.prepend")  # no default in audiocraft
     for key in ("sum", "input_interpolate"):
-        xp.expect(f"fuser.{key}", [], "MAGNeT fuses text by cross-attention only", default=[])
+        xp.expect(f"fuser.{key}", [], "MAGNeT fuses text by cross-attention only")
     xp.expect("fuser.cross_attention_pos_emb", False, "cross-attention without positions", default=False)
     if cross != ["description"] or prepend != []:
         raise ManifestError(f"{xp.source}: xp.cfg fuser cross = {cross!r}, prepend = {prepend!r} is not supported "
@@ -441,12 +449,12 @@ def codec_config_from_package(xp: XpConfig) -> dict:
     frame_rate = math.ceil(sr / math.prod(ratios))
     dimension = xp.typed(f"{s}.dimension", int)
     return {
-        "model_type": "encodec", "sampling_rate": sr, "audio_channels": xp.typed("encodec.channels", int, 1),
+        "model_type": "encodec", "sampling_rate": sr, "audio_channels": xp.typed("encodec.channels", int),
         "num_filters": xp.typed(f"{s}.n_filters", int), "hidden_size": dimension,
         "kernel_size": xp.typed(f"{s}.kernel_size", int, 7), "last_kernel_size": xp.typed(f"{s}.last_kernel_size", int, 7),
         "residual_kernel_size": xp.typed(f"{s}.residual_kernel_size", int, 3),
         "dilation_growth_rate": xp.typed(f"{s}.dilation_base", int, 2),
-        "num_residual_layers": xp.typed(f"{s}.n_residual_layers", int, 1),
+        "num_residual_layers": xp.typed(f"{s}.n_residual_layers", int, 3),  # SEANet's default
         "num_lstm_layers": xp.typed(f"{s}.lstm", int, 0), "upsampling_ratios": ratios,
         "compress": xp.typed(f"{s}.compress", int, 2), "use_conv_shortcut": not xp.get(f"{s}.true_skip", True),
         "codebook_size": bins, "codebook_dim": dimension,
@@ -560,6 +568,8 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
     cfg = build_mlx_config(hf, label, pre)
     cfg.pop("source_defaults", None)
     cfg["generation"]["max_duration"] = lm.segment_duration  # the training window (AudioGen, MAGNeT: 10 s)
+    if xp.get("solver", None) == "audiogen":  # the family's stride for audio longer than a window
+        cfg["generation"]["extend_stride"] = AUDIOGEN_EXTEND_STRIDE
 
     # Identity (name, license) of a known variant whose expectations hold; the rules stay ours.
     facts = config_facts(cfg)

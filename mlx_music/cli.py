@@ -320,7 +320,8 @@ def _as_flags(e: ValueError) -> ValueError:
 @click.option("--melody", default=None, type=click.Path(), help="Melody audio file for melody models (any rate, mono or stereo).")
 @click.option("--continue-from", "continue_from", default=None, type=click.Path(), help="Audio file to continue.")
 @click.option("--extend-stride", type=float, default=None,
-              help="Seconds each new window advances past one window (default: 0.6 x the window, 18 s of 30 s).")
+              help="Seconds each new window advances past one window (default: the model family's, as audiocraft: "
+                   "MusicGen 18 s of its 30 s window, AudioGen 2 s of 10 s).")
 @click.option("--stream", is_flag=True, help="Write the WAV progressively while generating; prints time to first audio.")
 @click.option("--chunk-seconds", type=float, default=1.0, show_default=True, help="Chunk size with --stream.")
 @click.option("--revision", default=None, help="Hub revision when --model is a repo id.")

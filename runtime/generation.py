@@ -36,8 +36,9 @@ from mlx_music.runtime.sampling import RowSampling, SamplingConfig, derive_seed,
 # The window MusicGen was trained on and generates in one pass (longer audio slides it); written
 # to config.json["generation"]["max_duration"] by the converter, from here.
 MAX_DURATION = 30.0
-# audiocraft advances a 30 s window by 18 s: later windows keep 12 s of context. A model with
-# another window keeps that ratio.
+# audiocraft's MusicGen advances a 30 s window by 18 s: later windows keep 12 s of context. A
+# model with another window keeps that ratio unless its config.json names its family's stride
+# (generation.extend_stride: AudioGen's 2 s, written by the audiocraft converter).
 STRIDE_RATIO = 18.0 / MAX_DURATION
 
 
@@ -226,9 +227,17 @@ class FrameGenerator:
         return self._codes[..., :upto]
 
 
-def resolve_stride(extend_stride: float | None, window: int, frame_rate: int) -> int:
-    """Stride in frames: ``extend_stride`` seconds, or the window times `STRIDE_RATIO`."""
+def resolve_stride(extend_stride: float | None, window: int, frame_rate: int,
+                   family_default: float | None = None) -> int:
+    """Stride in frames: ``extend_stride`` seconds; else the model family's default
+    (config.json ``generation.extend_stride``: AudioGen's 2 s, audiocraft's
+    ``AudioGen.set_generation_params``), else the window times `STRIDE_RATIO` (MusicGen's 18 s of
+    30 s). A family default that does not fit inside the window (a shrunk window) falls back to
+    the ratio. Raises ValueError naming ``extend_stride`` for a bad given value."""
     if extend_stride is None:
+        if isinstance(family_default, (int, float)) and not isinstance(family_default, bool) \
+                and math.isfinite(family_default) and 0 < round(family_default * frame_rate) < window:
+            return round(family_default * frame_rate)
         return max(1, round(window * STRIDE_RATIO))
     if isinstance(extend_stride, bool) or not isinstance(extend_stride, (int, float)) \
             or not math.isfinite(extend_stride):

@@ -195,7 +195,8 @@ class MusicGenPipeline:
             return MagnetFrameGenerator(self, rows)
         window = self.max_frames
         longest = max(r.frames for r in rows)
-        stride = resolve_stride(extend_stride, window, self.frame_rate) if longest > window else window
+        stride = resolve_stride(extend_stride, window, self.frame_rate, self.defaults.get("extend_stride")) \
+            if longest > window else window
         return FrameGenerator(self, rows, window, stride)
 
     def token_loop(self, rows: int, cond: Conditioning, length: int, rs: RowSampling) -> TokenLoop:

@@ -466,3 +466,73 @@ def test_mixed_key_forms_convert_and_duplicates_are_refused(converted, tmp_path)
         r = cli("convert", "--hf-path", str(_folder(dup, "mono", lm=both)), "--mlx-path", str(out), "--quiet")
         _assert_refused(r, out, "two source tensors map to")
         assert twice in r.stderr
+
+
+# ------------------------------------------------------------------------------ missing xp.cfg fields
+
+def _codec_package(edit) -> dict:
+    pkg = torch.load(DATA / "audiogen" / "compression_state_dict.bin", weights_only=True)
+    return {**pkg, "xp.cfg": edit(pkg["xp.cfg"])}
+
+
+def _drop(line: str):
+    def edit(text: str) -> str:
+        assert text.count(line) == 1, line
+        return text.replace(line, "", 1)
+    return edit
+
+
+# A field audiocraft needs (or whose audiocraft default differs from what the MLX model runs) is
+# refused by name when missing; it never counts as the expected value (issue 22 item 6).
+MISSING_FIELDS = {
+    "compression_model": ("audiogen", dict(codec=_codec_package(_drop("compression_model: encodec\n"))),
+                          "xp.cfg has no field compression_model"),
+    "encodec.quantizer": ("audiogen", dict(codec=_codec_package(_drop("  quantizer: rvq\n"))),
+                          "xp.cfg has no field encodec.quantizer"),
+    "encodec.autoencoder": ("audiogen", dict(codec=_codec_package(_drop("  autoencoder: seanet\n"))),
+                            "xp.cfg has no field encodec.autoencoder"),
+    "seanet.norm": ("audiogen", dict(codec=_codec_package(_drop("  norm: weight_norm\n"))),
+                    "xp.cfg has no field seanet.norm"),
+    "encodec.channels": ("audiogen", dict(codec=_codec_package(_drop("  channels: ${channels}\n  causal: false\n"))),
+                         "xp.cfg has no field encodec.channels"),
+    # audiocraft's SEANet default is 3 residual layers, not the fixture's 1: the weights do not fit
+    "seanet.n_residual_layers": ("audiogen", dict(codec=_codec_package(_drop("  n_residual_layers: 1\n"))),
+                                 "checkpoint does not match its config"),
+    # audiocraft's ChromaExtractor default is argmax=False, which the MLX chroma does not compute
+    "chroma_stem.argmax": ("melody", dict(xp_edit=_drop("      argmax: true\n")), "chroma_stem.argmax = False"),
+    "fuser.cross": ("mono", dict(xp_edit=_drop("  cross:\n  - description\n")), "xp.cfg has no field fuser.cross"),
+    "codebooks_pattern.modeling": ("mono", dict(xp_edit=_drop("  modeling: delay\n")),
+                                   "xp.cfg has no field codebooks_pattern.modeling"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(MISSING_FIELDS))
+def test_missing_xp_cfg_field_is_refused_by_name(tmp_path, field):
+    kind, spec, needle = MISSING_FIELDS[field]
+    src = _folder(tmp_path, kind, **spec)
+    out = tmp_path / "out"
+    r = cli("convert", "--hf-path", str(src), "--mlx-path", str(out), "--quiet")
+    _assert_refused(r, out, needle)
+
+
+# ------------------------------------------------------------------------------ default stride
+
+def test_default_extend_stride_comes_from_the_model_family(converted):
+    """audiocraft's defaults: AudioGen advances its 10 s window by 2 s (`AudioGen.set_generation_params`
+    extend_stride=2), MusicGen its 30 s window by 18 s (extend_stride=18). The converter records the
+    family's stride in config.json; the window plan uses it unless extend_stride is given."""
+    import json
+
+    import mlx_music
+    from mlx_music.runtime.generation import Request
+
+    cfg = {k: json.loads((converted(k) / "config.json").read_text())["generation"] for k in ("audiogen", "mono")}
+    assert cfg["audiogen"]["extend_stride"] == 2.0 and "extend_stride" not in cfg["mono"]
+    gen = mlx_music.load(converted("audiogen"))
+    plan = gen.frames([Request("rain", 13.0, seed=1)]).plan  # 650 frames at 50 Hz, a 500-frame window
+    assert [(w.start, w.frames, w.keep) for w in plan] == [(0, 500, 0), (100, 500, 400), (200, 450, 400)]
+    plan = gen.frames([Request("rain", 13.0, seed=1)], extend_stride=6.0).plan  # given: used as is
+    assert [w.start for w in plan] == [0, 300]
+    music = mlx_music.load(converted("mono"))
+    plan = music.frames([Request("pop", 40.0, seed=1)]).plan
+    assert [(w.start, w.keep) for w in plan] == [(0, 0), (900, 600)]  # 18 s of 30 s

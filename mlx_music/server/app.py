@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -37,7 +37,6 @@ from mlx_music.server.inputs import MODEL_ID, SPOOL_MAX_BYTES, ApiError
 log = logging.getLogger("mlx_music.server")
 API_KEY_ENV = "MLX_MUSIC_API_KEY"
 API_KEY_COOKIE = "mlx_music_key"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # uvicorn limits `serve` sets (stated in the README).
 UVICORN_LIMITS = {"timeout_keep_alive": 5, "limit_concurrency": 256, "timeout_graceful_shutdown": 10,
                   "h11_max_incomplete_event_size": 64 * 1024}
@@ -68,8 +67,31 @@ class ServerConfig:
         self.allow_origins = tuple(o.rstrip("/") for o in self.allow_origins)
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `serve` prints for an address other machines can reach (None for loopback)."""
+    import ipaddress
+
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to anything
+    return (f"warning: listening on {host}, which other machines can reach"
+            + ("" if api_key else f"; with no API key anyone there can use this server "
+                                  f"(set --api-key or {API_KEY_ENV})"))
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+
+class _Unsent(Response):
+    """No response at all (the client has gone; sending would be a protocol error)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
 
 
 class Guard:
@@ -108,12 +130,37 @@ class Guard:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            refused = self.refusal(scope)
-            if refused is not None:
-                await refused(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self.refusal(scope)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+
+        async def send_or_gone(message: dict[str, Any]) -> None:
+            try:
+                await send(message)
+            except Exception as err:  # the transport's: the client left, or uvicorn already answered
+                raise _Gone() from err  # (e.g. its own 400 to a bad chunk size)
+
+        try:
+            await self.app(scope, receive, send_or_gone)
+        except Exception as err:
+            if not _only_disconnects(err):
+                raise
+            client = scope.get("client") or ("?",)
+            log.info("client %s left during %s %s", client[0], scope.get("method"), scope.get("path"))
+
+
+class _Gone(Exception):
+    """Sending failed: nobody is left to answer (no exception handler takes it: see `Guard`)."""
+
+
+def _only_disconnects(err: BaseException) -> bool:
+    if isinstance(err, BaseExceptionGroup):
+        return all(_only_disconnects(e) for e in err.exceptions)
+    return isinstance(err, (ClientDisconnect, _Gone))
 
 
 def create_app(pipes: dict[str, Any], config: ServerConfig | None = None) -> FastAPI:
@@ -161,7 +208,7 @@ def create_app(pipes: dict[str, Any], config: ServerConfig | None = None) -> Fas
     async def _gone(request: HttpRequest, exc: ClientDisconnect):
         log.info("client %s left during %s %s", request.client.host if request.client else "?", request.method,
                  request.url.path)
-        return _error(499, "client disconnected")
+        return _Unsent()  # nobody is left to answer
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HttpRequest, exc: StarletteHTTPException):
@@ -213,10 +260,9 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, con
     cfg = config or ServerConfig()
     if cfg.api_key is None and os.environ.get(API_KEY_ENV, "").strip():
         cfg.api_key = os.environ[API_KEY_ENV].strip()
-    if host not in LOCAL_HOSTS:
-        print(f"warning: listening on {host}:{port}, reachable from other machines"
-              + ("" if cfg.api_key else f", and with no API key anyone there can use it (--api-key or {API_KEY_ENV})"),
-              file=sys.stderr, flush=True)
+    warning = exposure_warning(host, cfg.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     pipes = {}
     for mid, src in models.items():
         t0 = time.perf_counter()
@@ -242,5 +288,9 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, con
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, **UVICORN_LIMITS)).run()
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **UVICORN_LIMITS)
+    ours = logging.getLogger("mlx_music.server")  # through uvicorn's handlers, at its level
+    ours.handlers, ours.propagate = list(logging.getLogger("uvicorn.error").handlers), False
+    ours.setLevel(log_level.upper())
+    Server(uv_config).run()
     batcher.stop()  # already done by the lifespan, unless a second Ctrl-C skipped it
