@@ -167,6 +167,14 @@ class MusicGenPipeline:
             frames = self._magnet_frames(d, frames, sampling)
         return Row(req.prompt, frames, seed, sampling, melody, codes)
 
+    def output_frames(self, duration: float) -> int:
+        """Frames of audio a request of ``duration`` seconds gives with the checkpoint's defaults:
+        ``round(duration x frame rate)``; MAGNeT's default span arrangement trims to whole spans."""
+        frames = max(1, round(duration * self.frame_rate))
+        if not self.is_magnet:
+            return frames
+        return clip_frames(frames, self.model.magnet.span_len, self.defaults.get("span_arrangement", "nonoverlap"))
+
     def _magnet_frames(self, duration: float, frames: int, sampling: MagnetSampling) -> int:
         """A MAGNeT clip's frames: at most the checkpoint's segment (audiocraft makes one clip and
         defines no joining of windows), trimmed to whole spans for ``nonoverlap``."""

@@ -322,3 +322,32 @@ def test_cli_magnet_option_refused_for_musicgen(converted, tmp_path):
             "--duration", "0.2", "--span-arrangement", "stride1")
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: --span-arrangement: applies to MAGNeT checkpoints only"
+
+
+def test_serve_and_batch_run_magnet(converted, pipes, tmp_path):
+    """The server and batch jobs drive MAGNeT through the same pipeline interfaces."""
+    import io
+
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from mlx_music.server.app import create_app
+
+    pipe = pipes("magnet")
+    want = pipe.generate("calm piano", 0.64, seed=3).audio[0][0]
+    with TestClient(create_app({"m": pipe})) as client:
+        r = client.post("/v1/generate", json={"prompt": "calm piano", "duration": 0.64, "seed": 3})
+        assert r.status_code == 200, r.text
+        wav, sr = sf.read(io.BytesIO(r.content), dtype="float32")
+        assert sr == 32000 and wav.shape == want.shape  # 0.64 s trimmed to 30 frames
+        assert np.abs(wav - want).max() < 1 / 32767 + 1e-6
+        r = client.post("/v1/generate", json={"prompt": "calm piano", "duration": 0.64, "guidance": 3.0})
+        assert r.status_code == 422 and r.json()["error"].startswith("guidance_scale: MAGNeT anneals")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "calm piano", "duration": 0.64, "seed": 3}\n'
+                       '{"id": "b", "prompt": "80s pop", "duration": 0.5, "seed": 4}\n')
+    r = cli("batch", str(prompts), "--model", str(converted("magnet")), "--out-dir", str(tmp_path / "o"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    got, _ = sf.read(tmp_path / "o" / "a.wav", dtype="float32")
+    assert np.abs(got - want).max() < 1 / 32767 + 1e-6
+    assert sf.info(tmp_path / "o" / "b.wav").frames == 24 * 640  # 25 frames trimmed to 24

@@ -214,7 +214,7 @@ async def queued_job(request: HttpRequest) -> Job:
         if d > cfg.max_duration:
             raise ApiError(422, f"duration {d!r}: over this server's limit of {cfg.max_duration:g} s "
                                 f"(--max-duration); ask for less, it is not clipped")
-        frames = max(1, round(d * pipe.frame_rate))
+        frames = pipe.output_frames(d)  # MAGNeT trims to whole spans
         try:
             SamplingConfig.from_defaults(pipe.defaults, guidance_scale=params.guidance, temperature=params.temperature,
                                          top_k=params.top_k, top_p=params.top_p, greedy=params.greedy)
