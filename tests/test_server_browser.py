@@ -1,7 +1,9 @@
 """The page at `/` in a real browser: Chrome/Chromium (the `browser_path` fixture finds it) driven
 by Playwright (never `playwright install`). Types a prompt, presses Generate, and checks that the
 <audio> element plays while the clip is still being generated, that the finished clip has the
-requested duration, that it appears in the list, and that its WAV download is a valid file."""
+requested duration, that it appears in the list, that its WAV download is a valid file and that it plays after a seek
+(byte ranges); that a random seed is kept and "Use these settings" copies a clip's settings back;
+and that Cancel leaves the page ready (not "Generating..." forever)."""
 
 from __future__ import annotations
 
@@ -71,6 +73,44 @@ def test_page_plays_while_generating_and_keeps_the_clip(tmp_path, browser_path):
             assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 32000, 2)
             data, _ = sf.read(path, dtype="int16")
             assert data.shape == (round(DURATION * pipe.sample_rate), 2) and np.abs(data).max() > 0
+
+            # A finished clip plays after a seek (the file answers byte ranges: 206).
+            page.evaluate("(() => { const a = document.querySelector('#clips li audio'); a.currentTime = 6.0; "
+                          "a.play(); })()")
+            page.wait_for_function("document.querySelector('#clips li audio').currentTime > 6.3", timeout=60_000)
+            seekable = page.evaluate("(() => { const s = document.querySelector('#clips li audio').seekable; "
+                                     "return [s.length, s.end(0)]; })()")
+            assert seekable[0] == 1 and abs(seekable[1] - DURATION) < 1e-3
+            page.evaluate("document.querySelector('#clips li audio').pause()")
+
+            # A random seed is kept with the clip, and "Use these settings" puts it back in the form.
+            page.fill("#prompt", "short random one")
+            page.fill("#duration", "1")
+            page.fill("#seed", "")
+            page.fill("#top_k", "")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#clips li').length === 2", timeout=120_000)
+            seed = page.evaluate("window.mm.clips[1].settings.seed")
+            assert isinstance(seed, int) and 0 <= seed < 2**31
+            assert f"seed {seed}" in page.locator("#clips li").first.locator(".settings").text_content()
+            page.fill("#prompt", "")
+            page.locator("#clips li").first.locator("button.reuse").click()
+            assert (page.input_value("#prompt"), page.input_value("#duration"), page.input_value("#seed"),
+                    page.input_value("#top_k")) == ("short random one", "1", str(seed), "")
+            page.locator("#clips li").nth(1).locator("button.reuse").click()
+            assert (page.input_value("#seed"), page.input_value("#top_k")) == ("42", "100")
+
+            # Cancel: the page says so (the clip is gone from the server) and is ready again.
+            page.fill("#duration", "20")
+            page.click("#generate")
+            page.wait_for_function("window.mm.events.filter(e => e.type === 'created').length === 3")
+            page.wait_for_function("parseFloat(document.querySelector('#progress').textContent) > 0", timeout=60_000)
+            page.click("#cancel")
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('Cancelled')",
+                                   timeout=30_000)
+            assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+            assert page.evaluate("window.mm.events.filter(e => e.type === 'finished').pop().state") == "cancelled"
+            assert page.locator("#clips li").count() == 2
             assert errors == []
         finally:
             browser.close()
