@@ -202,7 +202,8 @@ def to_channels(wav: Any, n: int) -> np.ndarray:
         return np.repeat(arr, n, axis=0)
     if n == 1:
         return arr.mean(axis=0, keepdims=True, dtype=np.float64).astype(arr.dtype)
-    raise AudioInputError("<waveform>", f"cannot convert {c} channels to {n}")
+    raise AudioInputError("<waveform>", f"cannot convert {c} channels to {n} (give mono or {n}-channel audio; "
+                                        "no downmix of more channels is defined)")
 
 
 def resample(wav: Any, sr_in: int, sr_out: int) -> np.ndarray:

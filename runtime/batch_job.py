@@ -529,7 +529,7 @@ def run_batch(prompts: str | os.PathLike[str], model: str | os.PathLike[str] | A
     part = out / f"results.part-{ranks.rank}.jsonl"
     t0 = time.perf_counter()
     with open(part, "a", encoding="utf-8") as part_file, \
-            _Bar(progress and ranks.rank == 0, sum(r.duration for r in mine if not r.error),
+            _Bar(progress and ranks.rank == 0, sum(_frames(r, pipe) for r in mine if not r.error), pipe.frame_rate,
                  f"rank 0/{ranks.size}" if ranks.size > 1 else "batch") as bar:
         def record(entry: dict) -> None:
             part_file.write(_line(entry))
@@ -589,6 +589,12 @@ def _failed(row: PromptRow, model: str, model_sha: str, fmt: str, reason: str) -
     return {**entry, "row": row.number, "status": "failed", "reason": _one_line(reason)}
 
 
+def _frames(row: PromptRow, pipe: Any) -> int:
+    """Frames of a row's audio, as the progress bar counts them (integers: the bar never passes
+    its total)."""
+    return max(1, round(row.duration * pipe.frame_rate))
+
+
 def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
     """(row, audio [C, S] or a one-line reason) for each row of a batch: the rows run through one
     token loop (`pipe.frames`, what `generate_batch` runs), each with its own seed and settings.
@@ -600,12 +606,12 @@ def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
                        audio_prompt=None if r.audio_prompt is None else str(base / r.audio_prompt), **r.settings)
 
     def run(rows: list[PromptRow]):
-        frames = [max(1, round(r.duration * pipe.frame_rate)) for r in rows]
-        shown = 0.0
+        frames = [_frames(r, pipe) for r in rows]
+        shown = 0
 
         def on_frames(final: int) -> None:
             nonlocal shown
-            now = sum(min(final, f) for f in frames) / pipe.frame_rate
+            now = sum(min(final, f) for f in frames)
             bar.update(now - shown)
             shown = now
 
@@ -619,14 +625,14 @@ def _generate(pipe: Any, batch: list[PromptRow], base: Path, bar: "_Bar"):
             # the same whatever batch or rank produced it.
             return [pipe.decode_codes(codes[i:i + 1, :, :r.frames])[0] for i, r in enumerate(gen.rows)]
         finally:
-            bar.update(sum(frames) / pipe.frame_rate - shown)  # a failed batch's audio counts as done
+            bar.update(sum(frames) - shown)  # a failed batch's audio counts as done
 
     try:
         return list(zip(batch, run(batch)))
     except ValueError as e:
         if len(batch) == 1:
             return [(batch[0], _one_line(e))]
-    bar.total_back(sum(r.duration for r in batch))
+    bar.total_back(sum(_frames(r, pipe) for r in batch))
     out = []
     for r in batch:
         try:
@@ -654,24 +660,23 @@ def _write_audio(path: Path, audio: Any, sr: int, rank: int, made: dict) -> tupl
 
 
 class _Bar:
-    """tqdm bar in seconds of audio with an ETA (a no-op when off)."""
+    """`progress.audio_bar` in integer frames of audio, with an ETA (a no-op when off)."""
 
-    def __init__(self, on: bool, total: float, desc: str):
+    def __init__(self, on: bool, total_frames: int, frame_rate: int, desc: str):
         self.bar = None
         if on:
-            from tqdm import tqdm
+            from mlx_music.runtime.progress import audio_bar
 
-            self.bar = tqdm(total=round(total, 2), unit="s", desc=desc, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]")
+            self.bar = audio_bar(total_frames, frame_rate, desc, dynamic_ncols=True)
 
-    def update(self, seconds: float) -> None:
-        if self.bar is not None and seconds > 0:
-            self.bar.update(seconds)
+    def update(self, frames: int) -> None:
+        if self.bar is not None and frames > 0:
+            self.bar.update(frames)
 
-    def total_back(self, seconds: float) -> None:
+    def total_back(self, frames: int) -> None:
         """A batch is redone row by row: its audio counts again."""
         if self.bar is not None:
-            self.bar.total += seconds
+            self.bar.total += frames
             self.bar.refresh()
 
     def __enter__(self) -> "_Bar":

@@ -429,22 +429,21 @@ class _RowDecoder:
 
 
 class _progress_bar:
-    """tqdm bar in seconds of audio (a no-op when off)."""
+    """`progress.audio_bar` over the frames of a generator (a no-op when off)."""
 
     def __init__(self, on: bool, frames: FrameGenerator, frame_rate: int, desc: str):
         self.bar, self.shown, self.rate = None, 0, frame_rate
         if on:
-            from tqdm import tqdm
+            from mlx_music.runtime.progress import audio_bar
 
-            self.bar = tqdm(total=round(frames.num_frames / frame_rate, 2), unit="s", desc=desc,
-                            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} s of audio [{elapsed}<{remaining}]")
+            self.bar = audio_bar(frames.num_frames, frame_rate, desc)
 
     def __enter__(self):
         return self
 
     def __call__(self, final: int) -> None:
         if self.bar is not None and final > self.shown:
-            self.bar.update((final - self.shown) / self.rate)
+            self.bar.update(final - self.shown)  # integer frames: never past the total
             self.shown = final
 
     def __exit__(self, *exc: object) -> None:

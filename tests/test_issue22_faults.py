@@ -1,0 +1,83 @@
+"""Issue 22 item 6, smaller faults: the progress bars count integer frames (no clamping warning,
+no negative ETA for `generate --duration 2` or 3), and a multi-channel audio prompt that cannot be
+mixed for the model is refused naming the parameter (API) or the option (CLI)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from mlx_music.runtime.audio_io import AudioInputError
+
+DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from mlx_music.converters.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("i22") / "tiny-stereo"
+    convert_checkpoint(DATA, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    from mlx_music import load
+
+    return load(model)
+
+
+def cli(*args: str):
+    from mlx_music.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("duration", ["2", "3"])
+def test_generate_progress_bar_ends_exactly_at_its_total(tmp_path, model, duration):
+    r = cli("generate", "--model", str(model), "--prompt", "x", "--duration", duration, "--seed", "1",
+            "--out", str(tmp_path / "a.wav"))
+    assert r.exit_code == 0, r.stderr
+    assert "clamping" not in r.stderr and "warning" not in r.stderr, r.stderr
+    assert not re.search(r"<-|-\d+:\d+", r.stderr), r.stderr  # no negative time left
+    last = r.stderr.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in last if "s of audio" in line][-1]
+    assert f"{float(duration):.2f}/{float(duration):.2f} s of audio" in bar and "100%" in bar, bar
+
+
+def test_batch_progress_bar_ends_exactly_at_its_total(tmp_path, pipe, model, capsys):
+    """Durations whose float sum is not exact (0.1 + 0.2 + 0.34 + 0.02 s) still end at 100%."""
+    import json
+
+    from mlx_music.runtime.batch_job import run_batch
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "x", "duration": d, "seed": i}) + "\n"
+                               for i, d in enumerate((0.1, 0.2, 0.34, 0.02))))
+    s = run_batch(prompts, pipe, tmp_path / "out", batch_size=3, progress=True, model_name=str(model))
+    assert s.ok == 4
+    err = capsys.readouterr().err
+    assert "clamping" not in err and not re.search(r"<-|-\d+:\d+", err), err
+    bar = [line for line in err.replace("\r", "\n").splitlines() if "s of audio" in line][-1]
+    assert "0.66/0.66 s of audio" in bar and "100%" in bar, bar
+
+
+def test_a_six_channel_prompt_for_a_stereo_model_names_the_parameter(tmp_path, pipe, model):
+    six = (0.1 * np.random.default_rng(0).standard_normal((6, 16000))).astype(np.float32)
+    with pytest.raises(AudioInputError, match=r"^audio_prompt <waveform>: cannot convert 6 channels to 2"):
+        pipe.generate("x", 1.0, audio_prompt=(six, 32000))
+    sf.write(tmp_path / "six.wav", six.T, 32000)
+    with pytest.raises(AudioInputError, match=r"^audio_prompt .*six\.wav: cannot convert 6 channels to 2"):
+        pipe.generate("x", 1.0, audio_prompt=str(tmp_path / "six.wav"))
+    r = cli("generate", "--model", str(model), "--prompt", "x", "--duration", "1", "--seed", "1", "--quiet",
+            "--continue-from", str(tmp_path / "six.wav"), "--out", str(tmp_path / "a.wav"))
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: --continue-from {tmp_path / 'six.wav'}: cannot convert 6 channels to 2 (give mono or 2-channel "
+        "audio; no downmix of more channels is defined)"], r.stderr
