@@ -5,7 +5,8 @@ Output folder (``--out``):
     adapter_config.json, adapters.safetensors, conversion.json   the MLX adapter (generate --adapter)
     peft/adapter_config.json, peft/adapter_model.safetensors     the same adapter for transformers + peft
     checkpoint/    factors, AdamW state and step of the last save (what --resume continues from)
-    metrics.jsonl  one line per step (loss, lr, audio seconds per second; val_loss when validated)
+    metrics.jsonl  one line per step (loss, lr, audio seconds per second; val_loss at step 1, every
+                   --val-every steps and at the end)
     loss.png       train and validation loss (needs matplotlib: the `train` extra)
     cache/         EnCodec codes and T5 states of the data (see mlx_music.train.data)
 
@@ -300,7 +301,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
                        (data.train[order.piece(q)] for q in range(base, base + G))) / frame_rate
             row = {"step": step, "loss": round(loss, 6), "lr": lr,
                    "audio_s_per_s": round(secs / max(time.perf_counter() - t0, 1e-9), 3)}
-            if val_batches and (step % opts.val_every == 0 or step == opts.steps):
+            if val_batches and (step == 1 or step % opts.val_every == 0 or step == opts.steps):
                 model.eval()
                 row["val_loss"] = round(stepper.evaluate(val_batches), 6)
             if metrics is not None:
