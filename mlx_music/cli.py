@@ -460,6 +460,9 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
 def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, length, seed, dequantize, max_kl,
            melody, steps, min_top1, as_json, adapter):
     """Check an MLX checkpoint against transformers (or a quantized one against fp32). Exit 1 on failure."""
+    from mlx_music.runtime.sampling import check_seed
+
+    check_seed(seed, "--seed", "the seed of parity's fixed inputs; default 0")  # the one seed range
     if reference_mlx_path and adapter:
         raise click.UsageError("--adapter compares against transformers + peft: use it with --hf-path, "
                                "not --reference-mlx-path")

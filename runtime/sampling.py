@@ -37,7 +37,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 SEED_MAX = 2**32 - 1
 
 
-def check_seed(seed: Any, name: str = "seed") -> int | None:
+def check_seed(seed: Any, name: str = "seed", hint: str = "leave it out for a random seed") -> int | None:
     """``seed`` as an int in [0, SEED_MAX], or None (a random seed is chosen later).
 
     Call it before any work (model load, audio decoding). Raises ValueError starting with
@@ -47,8 +47,7 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
         return None
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= int(seed) <= SEED_MAX:
-        raise ValueError(f"{name} {seed!r}: must be an integer in [0, {SEED_MAX}] "
-                         "(leave it out for a random seed)")
+        raise ValueError(f"{name} {seed!r}: must be an integer in [0, {SEED_MAX}] ({hint})")
     return int(seed)
 
 

@@ -161,3 +161,12 @@ def test_long_prompts_still_record_the_seed(tmp_path):
         tags = json.loads(sf.SoundFile(str(p)).comment)
         assert tags["seed"] == 9 and tags["settings"] == {"top_k": 250}
         assert tags["prompt"].startswith("éé") and tags["prompt_truncated"] is True
+
+
+@pytest.mark.parametrize("args", [["--reference-mlx-path", "ref"], ["--hf-path", "hf"]])
+def test_parity_seed_uses_the_same_range(tmp_path, args):
+    """The same kind: `parity --seed` (its fixed inputs) is checked first too, in one line."""
+    r = cli("parity", "--mlx-path", str(tmp_path / "m"), *args, "--seed", "-1")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == ["error: --seed -1: must be an integer in [0, 4294967295] "
+                                             "(the seed of parity's fixed inputs; default 0)"]
