@@ -147,6 +147,9 @@ class DecoderCache:
     state["layers"][i]: layer i's arrays (see `KVCache`).
     state["cross_mask"]: (B, 1, 1, S) bool, which encoder positions may be attended to (text
         models, after `MusicgenDecoder.set_cross_attention`).
+    state["keep"], state["shift"]: (B, max_len) bool slots that may be attended to, and (B,) int32
+        slots left out before the codes (melody models, after a prefill with `prefix_mask`): row b's
+        code in slot j sits at position j - shift[b].
 
     `max_len` must cover every position written (prefix + prompt + generated steps); writes past
     the end are not checked (checking would force a device sync per step).
@@ -383,8 +386,10 @@ class SelfAttention(Attention):
         if cache is None:
             return self.attend(q, qkv[1], qkv[2], mask)
         kv = cache.update_stacked(qkv[1:])  # keys and values: one write into one buffer
-        if T == 1:  # decode step: slot j is visible iff j <= offset
-            return self.attend_decode(q, kv, cache.offset, by_limit=True)
+        if T == 1:  # decode step: slot j is visible iff j <= offset (and, with a mask, kept)
+            if mask is None:
+                return self.attend_decode(q, kv, cache.offset, by_limit=True)
+            return self.attend_decode(q, kv, mask, by_limit=False)
         return self.attend(q, kv[0], kv[1], mask)
 
 
@@ -447,6 +452,13 @@ def _cross_mask(encoder_mask: mx.array | None) -> mx.array | None:
     keep = encoder_mask.astype(mx.bool_)
     keep = mx.logical_or(keep, mx.logical_not(keep.any(axis=-1, keepdims=True)))
     return keep[:, None, None, :]
+
+
+def _kept_positions(keep: mx.array) -> mx.array:
+    """(B, L) positions of a row's slots counting only kept ones: kept slot j is at the number of
+    kept slots before it (a left-out slot shares the next kept slot's position; it is never seen)."""
+    k = keep.astype(mx.int32)
+    return mx.cumsum(k, axis=1) - k
 
 
 class _Tables:
@@ -584,7 +596,7 @@ class MusicgenDecoder(nn.Module):
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,
                  encoder_states: mx.array | None = None, encoder_mask: mx.array | None = None,
                  prefix: mx.array | None = None, attention_mask: mx.array | str | None = "causal",
-                 codebook: int | None = None) -> mx.array:
+                 codebook: int | None = None, prefix_mask: mx.array | None = None) -> mx.array:
         """Run the decoder on codes (B, K, T) and return logits (B, K, T, vocab) for those codes.
 
         Without a cache this is a plain causal forward over `[prefix, codes]` from position 0;
@@ -602,27 +614,61 @@ class MusicgenDecoder(nn.Module):
 
         `prefix` (B, P, h): melody conditioning embeddings (see `MusicGen.melody_prefix`);
         no logits are returned for its positions.
+
+        `prefix_mask` (B, P) bool: the prefix slots each row attends to (a cached call with it must
+        start at offset 0). Left-out slots (a shorter prompt's padding) are hidden from every query
+        and take no position: a row's kept slots count positions 0, 1, ... as if the others were
+        not there, so each row computes what it would alone with its own prefix (bit for bit when
+        the slot layout is the same). The cache keeps the row masks and shifts for later steps.
         """
         self._check_fused()
         x = self.embed_codes(codes)
+        B = codes.shape[0]
         P = 0
         if prefix is not None:
             P = prefix.shape[1]
             x = mx.concatenate([prefix.astype(x.dtype), x], axis=1)
         L = x.shape[1]
+        keep = None  # (B, L): slots of this call that may be attended to, when rows differ
+        if prefix_mask is not None:
+            if prefix is None or tuple(prefix_mask.shape) != (B, P):
+                raise ValueError(f"prefix_mask must be (batch, prefix length) = {(B, P)}, "
+                                 f"got {tuple(prefix_mask.shape)}")
+            keep = mx.concatenate([prefix_mask.astype(mx.bool_), mx.ones((B, L - P), mx.bool_)], axis=1)
 
         self_mask: mx.array | str | None = None
         if cache is None:
             positions = mx.arange(L)
             self_mask = None if isinstance(attention_mask, str) and L == 1 else attention_mask
             layer_caches: list[KVCache | None] = [None] * len(self.layers)
+            if keep is not None:
+                positions = _kept_positions(keep)
+                if isinstance(attention_mask, str):
+                    attention_mask = mx.arange(L)[None, :] <= mx.arange(L)[:, None]
+                visible = keep[:, None, None, :]
+                self_mask = visible if attention_mask is None else attention_mask & visible
         else:
-            positions = cache.offset + mx.arange(L)
-            # Slot j of the buffer is visible to the query at absolute position p iff j <= p;
+            slots = cache.offset + mx.arange(L)
+            positions = slots
+            if keep is not None:
+                positions = _kept_positions(keep)
+                cache.state["keep"] = mx.concatenate([keep, mx.ones((B, cache.max_len - L), mx.bool_)], axis=1)
+                cache.state["shift"] = (L - keep.astype(mx.int32).sum(axis=1)).astype(mx.int32)
+            elif prefix is not None:
+                cache.state.pop("keep", None)  # a plain prefill: every slot counts again
+                cache.state.pop("shift", None)
+            elif "shift" in cache.state:
+                positions = slots[None, :] - cache.state["shift"][:, None]  # (B, L)
+            # Slot j of the buffer is visible to the query in slot p iff j <= p (and j is kept);
             # slots beyond the newest position hold stale values and are hidden. A single-position
-            # step needs no mask array: the attention reads the offset itself.
+            # step of unmasked rows needs no mask array: the attention reads the offset itself.
+            kept = cache.state.get("keep")
             if L > 1:
-                self_mask = mx.arange(cache.max_len)[None, :] <= positions[:, None]
+                self_mask = mx.arange(cache.max_len)[None, :] <= slots[:, None]
+                if kept is not None:
+                    self_mask = self_mask[None, None] & kept[:, None, None, :]
+            elif kept is not None:
+                self_mask = kept & (mx.arange(cache.max_len) <= cache.offset)[None, :]
             layer_caches = cache.layers
         x = x + self._positions(positions, L, cache, x.dtype)
 
@@ -641,16 +687,17 @@ class MusicgenDecoder(nn.Module):
         return self.logits(x, codebook)
 
     def _positions(self, positions: mx.array, L: int, cache: DecoderCache | None, dtype: mx.Dtype) -> mx.array:
-        """Sinusoidal embeddings (L, h) of `positions` in `dtype`. A decode step (L == 1) gathers
-        one row of a table computed once per (length, dtype), one primitive instead of the
-        arange/exp/cos/sin/concatenate/cast chain; other calls compute them directly."""
+        """Sinusoidal embeddings (L, h) of `positions` (L,) in `dtype`, or (B, L, h) of per-row
+        positions (B, L). A decode step (L == 1) gathers one row of a table computed once per
+        (length, dtype), one primitive instead of the arange/exp/cos/sin/concatenate/cast chain;
+        other calls compute them directly."""
         h = self.args.hidden_size
-        if cache is None or L != 1:
-            return sinusoidal_positions(positions, h).astype(dtype)
-        table = self._tables.cache.get((cache.max_len, dtype))
-        if table is None:  # a cache not made by make_cache
-            return sinusoidal_positions(positions, h).astype(dtype)
-        return mx.take(table, positions, axis=0)
+        table = None if cache is None or L != 1 else self._tables.cache.get((cache.max_len, dtype))
+        if table is not None:
+            return mx.take(table, positions, axis=0)
+        if positions.ndim == 2:
+            return sinusoidal_positions(positions.reshape(-1), h).reshape(*positions.shape, h).astype(dtype)
+        return sinusoidal_positions(positions, h).astype(dtype)  # (a cache not made by make_cache too)
 
     def _position_table(self, max_len: int, dtype: mx.Dtype) -> None:
         """Compute the decode-step position table for a cache of `max_len` (outside any trace)."""

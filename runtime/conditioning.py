@@ -61,20 +61,33 @@ class Conditioner:
         self.extractor = ChromaExtractor.from_config(self.melody) if self.melody else None
 
     def text(self, prompts: Sequence[str], cfg: bool) -> tuple[mx.array, mx.array]:
-        """T5 states (rows, S, h) and mask (rows, S); with CFG the null rows follow (zeros)."""
+        """T5 states (rows, S, h) and mask (rows, S); with CFG the null rows follow (zero states).
+
+        Text models: S is the longest prompt's token count; null rows have an all-zero mask.
+        Melody models: the text sits in the decoder prefix, so S is the model's text limit
+        (``tokenizer.max_tokens``) whatever the batch: every row has the same slot layout alone or
+        batched, and the mask tells the decoder which slots each row keeps (its own tokens; a null
+        row keeps as many zero states as its conditional row has tokens, as the reference does
+        for a prompt alone), so a row's codes do not depend on the other prompts of its batch.
+        """
         ids, mask = self.tokenizer(list(prompts))
+        if self.extractor is not None and ids.shape[1] < self.tokenizer.max_tokens:
+            pad = ((0, 0), (0, self.tokenizer.max_tokens - ids.shape[1]))
+            ids = np.pad(ids, pad, constant_values=self.tokenizer.pad_id)
+            mask = np.pad(mask, pad)
         states, m = self.model.encode_text(mx.array(ids), mx.array(mask))
         if cfg:
             states = mx.concatenate([states, mx.zeros_like(states)], axis=0)
-            m = mx.concatenate([m, mx.zeros_like(m)], axis=0)
+            m = mx.concatenate([m, m if self.extractor is not None else mx.zeros_like(m)], axis=0)
         return states, m
 
     def window(self, text: tuple[mx.array, mx.array], melodies: Sequence[np.ndarray | None], cfg: bool,
-               start_frame: int, window_frames: int, whole: bool) -> Conditioning:
+               start_frame: int, window_frames: int, whole: bool | Sequence[bool]) -> Conditioning:
         """Conditioning of the window starting at global frame ``start_frame``.
 
         ``melodies``: one mono waveform at the chroma rate per row, or None (null melody).
-        ``whole``: the generation fits one window, so each melody is used whole.
+        ``whole``: the generation fits one window, so each melody is used whole; one flag per row,
+        or one for all (a row that fits one window uses its melody whole, as it would alone).
         """
         states, mask = text
         if self.extractor is None:
@@ -84,11 +97,12 @@ class Conditioner:
         length = int(window_frames / self.frame_rate * sr)
         null = self._null_chroma()
         rows = []
-        for wav in melodies:
+        wholes = [whole] * len(melodies) if isinstance(whole, bool) else list(whole)
+        for wav, whole_row in zip(melodies, wholes):
             if wav is None:
                 rows.append(null)
                 continue
-            if not whole:  # audiocraft: wav[(int(t0 * sr) + arange(window)) % len(wav)]
+            if not whole_row:  # audiocraft: wav[(int(t0 * sr) + arange(window)) % len(wav)]
                 wav = wav[(int(t0 * sr) + np.arange(length)) % wav.shape[-1]]
             rows.append(self.extractor([wav], sr)[0])
         if cfg:
@@ -102,10 +116,10 @@ class Conditioner:
 
 
 def _tile_rows(rows: list[np.ndarray], chroma_length: int) -> np.ndarray:
-    """Stack (T_i, 12) chroma rows to (B, T, 12), T >= chroma_length, tiling each row.
+    """Stack (T_i, 12) chroma rows to (B, chroma_length, 12), tiling or cutting each row.
 
-    The model tiles a short chroma to ``chroma_length`` and cuts a long one, so tiling here to at
-    least that length gives every row the prefix it would get alone.
+    The model tiles a short chroma to ``chroma_length`` and cuts a long one; doing it here gives
+    every row the prefix it would get alone, in a shape that does not depend on the batch.
     """
-    t = max(chroma_length, *(r.shape[0] for r in rows))
+    t = chroma_length
     return np.stack([np.tile(r, (-(-t // r.shape[0]), 1))[:t] for r in rows]).astype(np.float32)

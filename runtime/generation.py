@@ -174,7 +174,7 @@ class FrameGenerator:
         cfg = self.sampling.cfg
         text = pipe.conditioner.text([r.prompt for r in self.rows], cfg)
         melodies = [r.melody for r in self.rows]
-        whole = len(self.plan) == 1
+        whole = [r.frames <= self.window for r in self.rows]  # as each row would be alone
         for w in self.plan:
             if w.index:
                 self.codes(w.start + w.keep)  # the context must be on the host

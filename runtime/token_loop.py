@@ -25,7 +25,9 @@ class Conditioning:
     """Decoder conditioning of one window for 2B rows (CFG: conditional, then null) or B rows."""
 
     text_states: mx.array  # (rows, S, h); zeros for null rows
-    text_mask: mx.array  # (rows, S)
+    # (rows, S): text models: the tokens cross-attended to (none for null rows); melody models:
+    # the text slots of the decoder prefix each row attends to (a null row: its conditional row's)
+    text_mask: mx.array
     chroma: mx.array | None = None  # melody models: (rows, Tc, 12)
 
     @property
@@ -85,6 +87,18 @@ class TokenLoop:
             self._fns = (advance, last_position)
         return self._fns
 
+    def _prefill(self, codes: mx.array, cond: Conditioning) -> mx.array:
+        """Condition the cache and run the known codes. Melody models mask each row's text padding
+        in the prefix (`MusicgenDecoder.__call__`'s ``prefix_mask``), so a row's positions and
+        attention are its own whatever the other prompts of the batch."""
+        if not self.model.is_melody:
+            return self.model.prefill(codes, self.cache, text_states=cond.text_states, text_mask=cond.text_mask,
+                                      chroma=cond.chroma)
+        prefix = self.model.melody_prefix(cond.text_states, cond.chroma, batch_size=codes.shape[0])
+        chroma_slots = mx.ones((codes.shape[0], prefix.shape[1] - cond.text_mask.shape[1]), mx.bool_)
+        keep = mx.concatenate([chroma_slots, cond.text_mask.astype(mx.bool_)], axis=1)
+        return self.model.decoder(codes, self.cache, prefix=prefix, prefix_mask=keep)
+
     def run(self, cond: Conditioning, pattern: np.ndarray, rs: RowSampling,
             keys: mx.array) -> Iterator[tuple[int, mx.array, mx.array]]:
         """Yield (position, tokens (B, K), keys (B, 2)) for every position from the first free one.
@@ -100,8 +114,7 @@ class TokenLoop:
             seq = mx.array(pattern)
             start = max(1, first_free_position(pattern))
             self.cache.offset = mx.array(0, dtype=mx.int32)
-            logits = self.model.prefill(self._rows(seq[:, :, :start]), self.cache, text_states=cond.text_states,
-                                        text_mask=cond.text_mask, chroma=cond.chroma)[:, :, -1, :]
+            logits = self._prefill(self._rows(seq[:, :, :start]), cond)[:, :, -1, :]
             advance, last_position = self._functions(rs)
             arrays = rs.arrays()
             for pos in range(start, s_total):

@@ -284,12 +284,12 @@ def _check_hf_path(hf_path: str) -> str:
     p = Path(hf_path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise ParityError(f"--hf-path {hf_path}: not a folder")
+            raise ParityError(f"hf_path {hf_path}: not a folder")
         if not (p / "config.json").exists():
-            raise ParityError(f"--hf-path {hf_path}: no config.json (not a Hugging Face MusicGen folder)")
+            raise ParityError(f"hf_path {hf_path}: no config.json (not a Hugging Face MusicGen folder)")
         return str(p)
     if not _looks_like_repo_id(hf_path):
-        raise ParityError(f"--hf-path {hf_path}: no such folder, and not a hub repo id (org/name)")
+        raise ParityError(f"hf_path {hf_path}: no such folder, and not a hub repo id (org/name)")
     return hf_path
 
 
@@ -298,13 +298,13 @@ def _mlx_folder(mlx_path: str) -> Path:
 
     p = Path(mlx_path).expanduser()
     if not p.exists() and not _looks_like_repo_id(str(mlx_path)):
-        raise ParityError(f"--mlx-path {mlx_path}: no such folder, and not a hub repo id (org/name)")
+        raise ParityError(f"mlx_path {mlx_path}: no such folder, and not a hub repo id (org/name)")
     try:
         folder = Path(resolve_model_path(str(mlx_path)))
     except (OSError, ValueError) as e:  # ModelNotFoundError is a FileNotFoundError
-        raise ParityError(f"--mlx-path {mlx_path}: {' '.join(str(e).split())}") from None
+        raise ParityError(f"mlx_path {mlx_path}: {' '.join(str(e).split())}") from None
     if not (folder / "config.json").exists():
-        raise ParityError(f"--mlx-path {mlx_path}: no config.json (not an mlx-music checkpoint)")
+        raise ParityError(f"mlx_path {mlx_path}: no config.json (not an mlx-music checkpoint)")
     return folder
 
 
@@ -317,9 +317,9 @@ def _hf_config(hf_path: str):
     try:
         cfg = AutoConfig.from_pretrained(hf_path)
     except (OSError, ValueError) as e:
-        raise ParityError(f"--hf-path {hf_path}: cannot read the config ({' '.join(str(e).split())[:200]})") from None
+        raise ParityError(f"hf_path {hf_path}: cannot read the config ({' '.join(str(e).split())[:200]})") from None
     if cfg.model_type not in ("musicgen", "musicgen_melody"):
-        raise ParityError(f"--hf-path {hf_path}: model_type {cfg.model_type!r} is not a MusicGen model")
+        raise ParityError(f"hf_path {hf_path}: model_type {cfg.model_type!r} is not a MusicGen model")
     return cfg
 
 
@@ -357,12 +357,12 @@ def _load_reference(hf_path: str, is_melody: bool):
         # renames legacy weight_g/weight_v; loading info tells us if anything was left random.
         model, info = cls.from_pretrained(hf_path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ParityError(f"--hf-path {hf_path}: transformers cannot load it ({' '.join(str(e).split())[:200]})") from None
+        raise ParityError(f"hf_path {hf_path}: transformers cannot load it ({' '.join(str(e).split())[:200]})") from None
     # The T5 input embedding is tied to `shared` (files often omit it); anything else missing
     # would leave the reference randomly initialised and every row meaningless.
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("encoder.embed_tokens.weight")]
     if missing:
-        raise ParityError(f"--hf-path {hf_path}: {len(missing)} weights missing from the checkpoint "
+        raise ParityError(f"hf_path {hf_path}: {len(missing)} weights missing from the checkpoint "
                           f"(e.g. {sorted(missing)[0]}); transformers would use random values")
     return model.float().eval()
 
@@ -441,6 +441,32 @@ def _hf_generate(hf, channels: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         codes = np.empty((left.shape[0], 2 * left.shape[1], left.shape[2]), left.dtype)
         codes[:, 0::2], codes[:, 1::2] = left, right
     return codes, audio.detach().float().numpy()
+
+
+def _hf_generate_rows(hf, channels: int, melody: bool, n_cb: int, input_ids, attention_mask,
+                      **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """`_hf_generate` of a batch; for melody models each prompt alone (its own unpadded tokens).
+
+    A melody model's text sits in the decoder prefix, where the reference would attend to a
+    batch's padding and shift a shorter prompt's positions; mlx-music gives every row what it
+    gets alone (`runtime.conditioning.Conditioner.text`), so each row's reference is the prompt
+    run alone. ``input_features`` (B, T, 12) and ``decoder_input_ids`` (B * K, P) are split by row.
+    """
+    if not melody:
+        return _hf_generate(hf, channels, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    codes, audio = [], []
+    for i in range(input_ids.shape[0]):
+        n = int(attention_mask[i].sum())
+        kw = dict(kwargs)
+        if "input_features" in kw:
+            kw["input_features"] = kw["input_features"][i:i + 1]
+        if "decoder_input_ids" in kw:
+            kw["decoder_input_ids"] = kw["decoder_input_ids"][i * n_cb:(i + 1) * n_cb]
+        c, a = _hf_generate(hf, channels, input_ids=input_ids[i:i + 1, :n],
+                            attention_mask=attention_mask[i:i + 1, :n], **kw)
+        codes.append(c)
+        audio.append(a)
+    return np.concatenate(codes), np.concatenate(audio)
 
 
 def _hf_encode(hf, wav: np.ndarray) -> np.ndarray:
@@ -633,18 +659,18 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ParityError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     if mlx_cfg.get("format") != "mlx-music":
-        raise ParityError(f"--mlx-path {mlx_path}: not an mlx-music checkpoint (config.json format)")
+        raise ParityError(f"mlx_path {mlx_path}: not an mlx-music checkpoint (config.json format)")
     hf_cfg = _hf_config(hf_ref)
     check_same_model(hf_cfg, mlx_cfg, hf_path, mlx_path)
     if mlx_cfg.get("quantization"):
-        raise ParityError(f"--mlx-path {mlx_path}: quantized checkpoints are compared against their fp32 "
-                          "MLX checkpoint (--reference-mlx-path), not against transformers")
+        raise ParityError(f"mlx_path {mlx_path}: quantized checkpoints are compared against their fp32 "
+                          "MLX checkpoint (reference_path=MLX_PATH), not against transformers")
 
     channels = int(mlx_cfg["audio_channels"])
     n_cb = int(mlx_cfg["num_codebooks"])
     delay_rows = n_cb // channels  # codebook levels; level q is delayed by q steps
     if steps < 2 * delay_rows - 2:
-        raise ParityError(f"--steps {steps}: need at least {2 * delay_rows - 2} steps for {delay_rows} "
+        raise ParityError(f"steps {steps}: need at least {2 * delay_rows - 2} steps for {delay_rows} "
                           "delayed codebook levels")
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
@@ -729,8 +755,8 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     frames = 1 + steps - delay_rows
     gen_name = "greedy tokens (no melody)" if is_melody else "greedy tokens"
     ref_gen = rows.reference((gen_name, "greedy audio", "output shape"), "generate",
-                             lambda: _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                                  max_new_tokens=steps))
+                             lambda: _hf_generate_rows(hf, channels, is_melody, n_cb, t_ids, t_mask,
+                                                       max_new_tokens=steps))
     if _have(ref_gen):
         with rows.guard(gen_name, 0):
             ref_codes, ref_audio = ref_gen
@@ -777,8 +803,8 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
                 kw = {"decoder_input_ids": torch.from_numpy(p_codes_b.reshape(b * n_cb, -1)).long()}
             else:
                 kw = {"input_values": torch.from_numpy(np.repeat(wav[None], b, axis=0)).float()}
-            return p_codes.shape[-1], _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                                   max_new_tokens=steps, **kw)
+            return p_codes.shape[-1], _hf_generate_rows(hf, channels, is_melody, n_cb, t_ids, t_mask,
+                                                        max_new_tokens=steps, **kw)
 
         ref_cont = (rows.reference(("continuation tokens", "continuation audio"), "continue the audio prompt",
                                    ref_continuation) if wav is not None else _NO_VALUE)
@@ -808,11 +834,11 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
     try:
         from peft import PeftModel
     except ImportError:
-        raise ParityError("--adapter: parity with an adapter needs peft (pip install peft)") from None
+        raise ParityError("adapter: parity with an adapter needs peft (pip install peft)") from None
     try:
         merged = PeftModel.from_pretrained(hf, str(peft_adapter.folder)).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - peft's own refusal, as one line
-        raise ParityError(f"--adapter {adapter}: peft cannot apply it ({_one_line(e)})") from None
+        raise ParityError(f"adapter {adapter}: peft cannot apply it ({_one_line(e)})") from None
     try:
         record = json.loads((folder / "conversion.json").read_text())
     except (OSError, ValueError):
@@ -820,7 +846,7 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
     if isinstance(record, dict) and record.get("adapter"):
         merged_with = record["adapter"]
         if isinstance(merged_with, dict) and merged_with.get("files") != peft_adapter.files:
-            raise ParityError(f"--adapter {adapter}: --mlx-path {folder} was merged with another adapter "
+            raise ParityError(f"adapter {adapter}: the checkpoint {folder} was merged with another adapter "
                               f"({merged_with.get('source')}, per its conversion.json)")
         return merged.eval(), f"adapter: {adapter} merged at conversion (conversion.json) vs peft merge_and_unload"
     with tempfile.TemporaryDirectory() as tmp:
@@ -839,7 +865,7 @@ def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, promp
         wav, sr = melody_test_signal(44100, 2.0), 44100
         report.notes.append("melody: built-in test signal (sine notes, 2 s at 44.1 kHz)")
     else:
-        wav, sr = _as_waveform(melody, "--melody")
+        wav, sr = _as_waveform(melody, "melody")
     onehot_name = "melody chroma one-hot"
     # No reference extractor (no torchaudio, no shim): the chroma rows are informational, and the
     # melody generation row below still runs on our own chroma, fed to both sides.
@@ -871,9 +897,9 @@ def _melody_rows(rows: _Rows, report: ParityReport, hf, hf_ref: str, pipe, promp
                             "sides the MLX chroma")
     gen_rows = ("greedy tokens (melody)", "greedy audio (melody)", "output shape (melody)")
     ref_gen = rows.reference(gen_rows, "generate with the melody",
-                             lambda: _hf_generate(hf, channels, input_ids=t_ids, attention_mask=t_mask,
-                                                  input_features=torch.from_numpy(np.repeat(ref_one_hot, b, axis=0)),
-                                                  max_new_tokens=steps))
+                             lambda: _hf_generate_rows(hf, channels, True, pipe.num_codebooks, t_ids, t_mask,
+                                                       input_features=torch.from_numpy(np.repeat(ref_one_hot, b, axis=0)),
+                                                       max_new_tokens=steps))
     if _have(ref_gen):
         with rows.guard("greedy tokens (melody)", 0):
             ref_codes, ref_audio = ref_gen
