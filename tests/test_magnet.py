@@ -351,3 +351,38 @@ def test_serve_and_batch_run_magnet(converted, pipes, tmp_path):
     got, _ = sf.read(tmp_path / "o" / "a.wav", dtype="float32")
     assert np.abs(got - want).max() < 1 / 32767 + 1e-6
     assert sf.info(tmp_path / "o" / "b.wav").frames == 24 * 640  # 25 frames trimmed to 24
+
+
+def test_readme_magnet_commands_run_verbatim(tmp_path, monkeypatch):
+    """The README's MAGNeT commands, as written, on the shipped tiny fixtures."""
+    import re
+    import shlex
+
+    import soundfile as sf
+
+    from mlx_music.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### MAGNeT and audio-MAGNeT"):]
+    section = section[:section.index("\n## ")]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    commands = [c for c in block.splitlines() if c.strip() and not c.startswith("#")]
+    assert [c for c in commands if "convert" in c and "magnet" in c] and len(commands) == 6
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "data").symlink_to(Path(__file__).resolve().parent / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for command in commands:
+        argv = shlex.split(command)
+        env = {}
+        while "=" in argv[0]:
+            k, v = argv.pop(0).split("=", 1)
+            env[k] = v
+        assert argv[0] == "mlx-music"
+        r = CliRunner().invoke(main, argv[1:], env=env, catch_exceptions=False)
+        assert r.exit_code == 0, f"{command}\n{r.output}\n{r.stderr}"
+    for name, sr, n in (("magnet.wav", 32000, 48 * 640), ("magnet-stride1.wav", 32000, 50 * 640),
+                        ("rain.wav", 16000, 48 * 320)):
+        info = sf.info(tmp_path / name)
+        assert (info.samplerate, info.frames) == (sr, n)
