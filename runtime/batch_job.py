@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 from mlx_music.runtime.checkpoint import RECORD
 from mlx_music.runtime.checksums import sha256_file
+from mlx_music.runtime.records import csv_records, jsonl_lines
 from mlx_music.runtime.sampling import check_seed
 
 SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
@@ -205,9 +205,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
         raise BatchError(f"{path}: cannot read ({_one_line(e)})") from None
     rows: list[PromptRow] = []
     if ext == ".csv":
-        # The csv module over the whole text: records end at an unquoted \n / \r\n only, never at
-        # the other characters str.splitlines() breaks on (U+2028, U+0085, ...), which stay in fields.
-        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        reader = csv_records(text, strict=True)  # records end at unquoted line ends only
         try:
             if not reader.fieldnames or not any(f.strip() for f in reader.fieldnames):
                 raise BatchError(f"{path}: no header row (expected columns like prompt,duration,seed)")
@@ -224,9 +222,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
         except csv.Error as e:
             raise BatchError(f"{path} line {reader.line_num}: not valid CSV ({_one_line(e)})") from None
     else:
-        for i, line in enumerate(text.split("\n"), 1):  # JSON Lines end at \n only
-            if not line.strip(" \t\r"):  # JSON's whitespace; a line of U+2028 is a (bad) row
-                continue
+        for i, line in jsonl_lines(text):  # lines end at \n only
             n = len(rows) + 1
             row = PromptRow(n, i, f"{n:05d}")
             try:

@@ -4,6 +4,8 @@ mixed for the model is refused naming the parameter (API) or the option (CLI).""
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 from pathlib import Path
 
@@ -81,3 +83,24 @@ def test_a_six_channel_prompt_for_a_stereo_model_names_the_parameter(tmp_path, p
     assert r.stderr.strip().splitlines() == [
         f"error: --continue-from {tmp_path / 'six.wav'}: cannot convert 6 channels to 2 (give mono or 2-channel "
         "audio; no downmix of more channels is defined)"], r.stderr
+
+
+# ------------------------------------------------------------- the same kind: training metadata
+def test_training_metadata_keeps_line_separators_inside_captions(tmp_path):
+    """An audiofolder's metadata.jsonl / metadata.csv: a caption holding U+2028 / U+0085 (or a
+    quoted line break, in CSV) is one row, as in batch prompts files (runtime/records.py)."""
+    from mlx_music.train.data import _read_rows
+
+    caption = "rain\u2028on a roof\u0085at night\x1c"
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.wav", "text": caption}, ensure_ascii=False) + "\r\n\n"
+        + json.dumps({"file_name": "b.wav", "text": "two"}) + "\n", encoding="utf-8")
+    _, rows = _read_rows(tmp_path / "j")
+    assert rows == [{"file_name": "a.wav", "text": caption}, {"file_name": "b.wav", "text": "two"}]
+    (tmp_path / "c").mkdir()
+    with open(tmp_path / "c" / "metadata.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["file_name", "text"], ["a.wav", caption], ["b.wav", "two\nlines\r\nhere"]])
+    _, rows = _read_rows(tmp_path / "c")
+    assert rows == [{"file_name": "a.wav", "text": caption}, {"file_name": "b.wav", "text": "two\nlines\r\nhere"}]

@@ -31,6 +31,7 @@ import numpy as np
 
 from mlx_music.runtime.audio_io import read_audio, resample, to_channels
 from mlx_music.runtime.checksums import sha256_file
+from mlx_music.runtime.records import csv_records, jsonl_lines
 
 CAPTION_COLUMNS = ("text", "description", "caption")
 METADATA = ("metadata.jsonl", "metadata.csv")
@@ -79,14 +80,12 @@ def _read_rows(folder: Path) -> tuple[Path, list[dict]]:
         raise DataError(f"DATA {folder}: {what} (expected audio files and a metadata.jsonl/metadata.csv with "
                         f"file_name and a caption column: {', '.join(CAPTION_COLUMNS)})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # no newline translation (see runtime/records.py)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     rows: list[dict] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in jsonl_lines(text):  # lines end at \n only: captions may hold U+2028
             try:
                 row = json.loads(line)
             except ValueError as e:
@@ -96,7 +95,7 @@ def _read_rows(folder: Path) -> tuple[Path, list[dict]]:
             rows.append(row)
     else:
         try:
-            rows = list(csv.DictReader(text.splitlines()))
+            rows = list(csv_records(text))  # the whole text: quoted fields keep their line breaks
         except csv.Error as e:
             raise DataError(f"{path}: not valid CSV ({e})") from None
     if not rows:

@@ -1,0 +1,30 @@
+"""Reading line-based records (JSON Lines, CSV) exactly as their formats define lines.
+
+`str.splitlines()` also breaks at U+2028, U+2029, U+0085, \\x0b, \\x0c and \\x1c-\\x1e, which may sit
+inside a prompt or a caption: a row would be split in two (or lost, or a bogus row invented).
+JSON Lines end at ``\\n`` only (a ``\\r`` before it is JSON whitespace); CSV records end at an
+unquoted line end, which only the `csv` module reading the whole text knows. Used by batch jobs
+(prompts files) and training data (audiofolder metadata).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Iterator
+
+_JSON_WHITESPACE = " \t\r"
+
+
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of each non-blank line of JSON Lines text, split at ``\\n``
+    only. Blank means JSON whitespace only: a line holding just U+2028 is a (bad) record."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip(_JSON_WHITESPACE):
+            yield number, line
+
+
+def csv_records(text: str, **kwargs) -> csv.DictReader:
+    """A `csv.DictReader` over the whole text (no newline translation: quoted fields keep their
+    line breaks, and only unquoted line ends end a record); ``kwargs`` go to DictReader."""
+    return csv.DictReader(io.StringIO(text, newline=""), **kwargs)
