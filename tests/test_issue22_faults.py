@@ -104,3 +104,14 @@ def test_training_metadata_keeps_line_separators_inside_captions(tmp_path):
         w.writerows([["file_name", "text"], ["a.wav", caption], ["b.wav", "two\nlines\r\nhere"]])
     _, rows = _read_rows(tmp_path / "c")
     assert rows == [{"file_name": "a.wav", "text": caption}, {"file_name": "b.wav", "text": "two\nlines\r\nhere"}]
+
+
+def test_training_metrics_with_a_torn_last_line_still_resume(tmp_path):
+    """The same kind as a batch manifest left torn by a kill: metrics.jsonl's last line cut
+    mid-write must not stop `train --resume` (it rewrites the metrics up to the checkpoint)."""
+    from mlx_music.train.run import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n{"step": 3, "loss": 2.0}\n{"step": 4, "lo')
+    _truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n'

@@ -145,7 +145,7 @@ def plot_metrics(out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    rows = _metric_rows(out / METRICS)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
     val = [r for r in rows if "val_loss" in r]
@@ -324,13 +324,27 @@ def _train(opts: TrainOptions, out: Path) -> Path:
     return out
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a line a killed run left torn (not a JSON object with a step) is
+    skipped, so it never stops a resume or the plot."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metrics of steps <= `step` (a resumed run rewrites the later ones)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [row for row in _metric_rows(path) if row["step"] <= step]
     tmp = path.parent / f".partial-{os.getpid()}-{path.name}"
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
     os.replace(tmp, path)
 
 
