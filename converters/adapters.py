@@ -117,14 +117,14 @@ def _resolve(adapter: str | os.PathLike, revision: str | None) -> tuple[Path, st
     local = Path(os.path.expanduser(raw))
     if local.exists():
         if not local.is_dir():
-            raise SourceError(f"--adapter {raw}: is a file; expected a PEFT adapter folder "
+            raise SourceError(f"adapter {raw}: is a file; expected a PEFT adapter folder "
                               f"({PEFT_CONFIG} + {PEFT_WEIGHTS})")
         return local.resolve(), None, None
     try:
         src = resolve_source(raw, [PEFT_CONFIG], {"safetensors": [PEFT_WEIGHTS]}, revision)
     except ModelNotFoundError as e:
-        msg = str(e).replace("--hf-path ", "")
-        raise SourceError(f"--adapter {msg}" if msg.startswith(raw) else f"--adapter {raw}: {msg}") from None
+        msg = str(e).replace("hf_path ", "")
+        raise SourceError(f"adapter {msg}" if msg.startswith(raw) else f"adapter {raw}: {msg}") from None
     return src.folder, src.repo_id, src.revision
 
 
@@ -298,7 +298,7 @@ def convert_adapter(adapter: str | os.PathLike | PeftAdapter, mlx_path: str | os
     if out.parent.is_dir():
         _stale_partials(out)
     if out.exists() and not force:
-        raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+        raise OutputError(f"mlx_path {out}: already exists; pass force=True to replace it")
     pa = adapter if isinstance(adapter, PeftAdapter) else read_peft_adapter(adapter, revision)
     config = {
         "format": rt.ADAPTER_FORMAT, "format_version": rt.FORMAT_VERSION, "peft_type": "LORA",
@@ -313,11 +313,11 @@ def convert_adapter(adapter: str | os.PathLike | PeftAdapter, mlx_path: str | os
         try:
             rt.check_adapter(rt.adapter_from_config(config), verify_checkpoint(Path(base), "files").config)
         except ValueError as e:
-            raise SourceError(f"--base {base}: {e}") from None
+            raise SourceError(f"base {base}: {e}") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"--mlx-path {out}: cannot create parent folder ({e.strerror})") from None
+        raise OutputError(f"mlx_path {out}: cannot create parent folder ({e.strerror})") from None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -338,7 +338,7 @@ def convert_adapter(adapter: str | os.PathLike | PeftAdapter, mlx_path: str | os
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ConvertError):
-            raise OutputError(f"--mlx-path {out}: write failed ({e.strerror or e}); nothing was written") from None
+            raise OutputError(f"mlx_path {out}: write failed ({e.strerror or e}); nothing was written") from None
         raise
     return out
 

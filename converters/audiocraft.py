@@ -68,12 +68,12 @@ def source_files(base_files: dict, fmt: str | None) -> tuple[list[str], dict[str
 def detect_format(folder: Path, forced: str | None) -> str:
     """'transformers' or 'audiocraft' for a resolved source folder (`--format` forces one)."""
     if forced is not None and forced not in FORMATS:
-        raise SourceError(f"--format {forced!r}: expected one of {', '.join(FORMATS)}")
+        raise SourceError(f"format {forced!r}: expected one of {', '.join(FORMATS)}")
     has_hf = (folder / "config.json").exists() and any((folder / f).exists() for f in _HF_WEIGHTS) or any(
         folder.glob("model-*-of-*.safetensors")) or any(folder.glob("pytorch_model-*-of-*.bin"))
     has_ac = (folder / LM_FILE).exists()
     if forced == "audiocraft" and not has_ac:
-        raise SourceError(f"--format audiocraft: {folder} has no {LM_FILE}")
+        raise SourceError(f"format 'audiocraft': {folder} has no {LM_FILE}")
     if forced:
         return forced
     return "audiocraft" if has_ac and not has_hf else "transformers"
@@ -474,10 +474,10 @@ def _resolve_named(name: str, option: str, what: str, origin: str) -> Path:
         src: Source = resolve_source(name, ["config.json", *files["tokenizer"]],
                                      {fmt: files["weights"][fmt] for fmt in ("safetensors", "bin")})
     except ModelNotFoundError as e:
-        why = str(e).replace("--hf-path folder", "folder")
-        raise SourceError(f"{what} {name!r} ({origin}) is not available: {why}; pass {option} PATH_OR_REPO") from None
+        why = str(e).replace("hf_path folder", "folder")
+        raise SourceError(f"{what} {name!r} ({origin}) is not available: {why}; pass {option}=PATH_OR_REPO") from None
     if not (src.folder / "config.json").exists():
-        raise SourceError(f"{what} {name!r} ({origin}): {src.folder} has no config.json; pass {option} PATH_OR_REPO")
+        raise SourceError(f"{what} {name!r} ({origin}): {src.folder} has no config.json; pass {option}=PATH_OR_REPO")
     return src.folder
 
 
@@ -508,13 +508,13 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
     reader.add_dict(LM_FILE, lm_path, sd, "")
 
     # Text encoder: by the name xp.cfg gives, or --text-encoder.
-    t5_folder = _resolve_named(text_encoder or lm.t5_name, "--text-encoder", "text encoder",
-                               "from --text-encoder" if text_encoder else "xp.cfg conditioners.description.t5.name")
+    t5_folder = _resolve_named(text_encoder or lm.t5_name, "text_encoder", "text encoder",
+                               "given as text_encoder" if text_encoder else "xp.cfg conditioners.description.t5.name")
     t5_cfg = read_json(t5_folder / "config.json", "text encoder config.json")
     proj = sd.get("condition_provider.conditioners.description.output_proj.weight")
     if proj is not None and t5_cfg.get("d_model") != proj.shape[1]:
         raise SourceError(f"text encoder {t5_folder}: d_model {t5_cfg.get('d_model')} does not match the "
-                          f"checkpoint's text projection (input width {proj.shape[1]}); pass --text-encoder "
+                          f"checkpoint's text projection (input width {proj.shape[1]}); pass text_encoder=PATH_OR_REPO "
                           f"with the T5 it was trained with ({lm.t5_name})")
     reader.add_folder("t5", CheckpointReader(t5_folder, workers=workers), "text_encoder.")
 
@@ -523,7 +523,7 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
     codec_record: dict[str, Any]
     drop_unused: list[dict] = []
     if codec is None and not codec_path.exists():
-        raise SourceError(f"{folder}: no {CODEC_FILE} (the audio codec); pass --codec PATH_OR_REPO "
+        raise SourceError(f"{folder}: no {CODEC_FILE} (the audio codec); pass codec=PATH_OR_REPO "
                           "(e.g. facebook/encodec_32khz)")
     cpkg = _load_pickle(codec_path, CODEC_FILE) if codec is None else None
     if cpkg is not None and "best_state" in cpkg:
@@ -542,21 +542,21 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
             name = cpkg.get("pretrained")
             if not isinstance(name, str) or not name:
                 raise SourceError(f"{codec_path}: neither a codec package (best_state, xp.cfg) nor a stub "
-                                  "{'pretrained': NAME}; pass --codec PATH_OR_REPO")
+                                  "{'pretrained': NAME}; pass codec=PATH_OR_REPO")
             origin = f"named by {CODEC_FILE}"
         else:
-            name, origin = codec, "from --codec"
-        codec_folder = _resolve_named(name, "--codec", "codec", origin)
+            name, origin = codec, "given as codec"
+        codec_folder = _resolve_named(name, "codec", "codec", origin)
         codec_cfg = read_json(codec_folder / "config.json", "codec config.json")
         if codec_cfg.get("model_type") != "encodec":
             raise SourceError(f"codec {name!r} ({origin}): model_type {codec_cfg.get('model_type')!r} is not "
-                              "supported; expected a transformers EnCodec ('encodec'); pass --codec PATH_OR_REPO")
+                              "supported; expected a transformers EnCodec ('encodec'); pass codec=PATH_OR_REPO")
         reader.add_folder("codec", CheckpointReader(codec_folder, workers=workers), "audio_encoder.")
         codec_record = {"codec": name, "codec_folder": str(codec_folder)}
 
     if codec_cfg.get("sampling_rate") != lm.sample_rate:
         raise SourceError(f"codec sample rate {codec_cfg.get('sampling_rate')} Hz does not match the LM's "
-                          f"(xp.cfg sample_rate = {lm.sample_rate}); pass --codec with the codec it was trained with")
+                          f"(xp.cfg sample_rate = {lm.sample_rate}); pass codec=PATH_OR_REPO with the codec it was trained with")
     hf = {"model_type": "musicgen_melody" if lm.melody else "magnet" if lm.magnet else "musicgen",
           "text_encoder": t5_cfg, "audio_encoder": codec_cfg, "decoder": lm.hf_decoder}
     if lm.magnet:

@@ -60,13 +60,13 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
     if not m:
-        raise ConvertError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+        raise ConvertError(f"max_shard_size {text!r}: expected a size like 5GB or 500MB")
     mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)]
     if m.group(3) == "IB":
         mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
     value = int(float(m.group(1)) * mult)
     if value <= 0:
-        raise ConvertError(f"--max-shard-size {text!r}: must be positive")
+        raise ConvertError(f"max_shard_size {text!r}: must be positive")
     return value
 
 
@@ -114,7 +114,7 @@ def quantize_policy(manifest: Manifest, cfg: dict, opts: QuantizeOptions, plan: 
     if opts.recipe:
         recipes = q.get("recipes", {})
         if opts.recipe not in recipes:
-            raise ConvertError(f"--q-recipe {opts.recipe!r}: unknown; expected one of {', '.join(recipes) or 'none'}")
+            raise ConvertError(f"quantize.recipe {opts.recipe!r}: unknown; expected one of {', '.join(recipes) or 'none'}")
         high = [p.replace("{last}", last) for p in recipes[opts.recipe]["high"]]
         high_bits = int(recipes[opts.recipe]["high_bits"])
     chosen: dict[str, int] = {}
@@ -236,18 +236,18 @@ def convert_checkpoint(
     adapter: a PEFT LoRA adapter (folder or hub repo id) merged into the weights as they are
     written (converters/adapters.py)."""
     if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if quantize is not None:
         if quantize.bits not in (4, 8):
-            raise ConvertError(f"--q-bits {quantize.bits}: expected 4 or 8")
+            raise ConvertError(f"quantize.bits {quantize.bits}: expected 4 or 8")
         if quantize.group_size not in (32, 64, 128):
-            raise ConvertError(f"--q-group-size {quantize.group_size}: expected 32, 64 or 128")
+            raise ConvertError(f"quantize.group_size {quantize.group_size}: expected 32, 64 or 128")
     max_bytes = parse_size(max_shard_size)
     out = Path(mlx_path).expanduser().absolute()
     if out.parent.is_dir():
         _stale_partials(out)  # first: a killed --force may have left the old output aside
     if out.exists() and not force:
-        raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+        raise OutputError(f"mlx_path {out}: already exists; pass force=True to replace it")
 
     from . import audiocraft as ac
 
@@ -265,10 +265,10 @@ def convert_checkpoint(
         cfg, manifest, reader, config_label = prep.cfg, prep.manifest, prep.reader, prep.label
         source_extra = prep.record
     else:
-        for opt, val in (("--text-encoder", text_encoder), ("--codec", codec)):
+        for opt, val in (("text_encoder", text_encoder), ("codec", codec)):
             if val is not None:
                 raise ConvertError(f"{opt}: only for audiocraft-format checkpoints; {source.folder} is in "
-                                   "transformers layout (use --format audiocraft if it holds both)")
+                                   "transformers layout (use format='audiocraft' if it holds both)")
         cfg, facts = load_source_config(source.folder)
         config_label = str(source.folder / "config.json")
         manifest = pick_manifest(facts, variant, config_label)
@@ -312,7 +312,7 @@ def convert_checkpoint(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"--mlx-path {out}: cannot create parent folder ({e.strerror})") from None
+        raise OutputError(f"mlx_path {out}: cannot create parent folder ({e.strerror})") from None
     _stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -416,7 +416,7 @@ def convert_checkpoint(
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ConvertError):
-            raise OutputError(f"--mlx-path {out}: write failed ({e.strerror or e}); nothing was written") from None
+            raise OutputError(f"mlx_path {out}: write failed ({e.strerror or e}); nothing was written") from None
         raise
     nparams = sum(int(np.prod(r.shape)) for r in plan.recipes.values())
     return ConversionResult(out, manifest.name, len(index["weight_map"]), nparams, total_bytes,
@@ -427,7 +427,7 @@ def _checked(r: Recipe, arr: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
     if not allow_nonfinite and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise SourceError(f"tensor {r.sources[0]}: {bad} NaN/Inf values; refusing "
-                          "(pass --allow-nonfinite to convert anyway)")
+                          "(pass allow_nonfinite=True to convert anyway)")
     return arr
 
 
@@ -496,7 +496,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished folder into place; with --force the old one survives until then."""
     if out.exists():
         if not force:
-            raise OutputError(f"--mlx-path {out}: already exists; pass --force to replace it")
+            raise OutputError(f"mlx_path {out}: already exists; pass force=True to replace it")
         if _exchange(tmp, out):  # one atomic step: a kill at any moment leaves a complete folder
             shutil.rmtree(tmp, ignore_errors=True)
             return

@@ -129,7 +129,7 @@ def convert_all(
     MusicGen-shaped but not the real checkpoints, e.g. the tiny fixtures the tests put in hf_root.
     """
     if dtype not in FLOAT_DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+        raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     names = list(variants) if variants is not None else variant_names()
     # Unknown names fail up front: a typo should not surface hours into a run.
     manifests = {name: load_manifest(name) for name in names}

@@ -131,7 +131,7 @@ def load_manifest(name_or_path: str | Path, manifest_dir: Path = MANIFEST_DIR) -
         name = str(name_or_path).split("/")[-1]
         p = manifest_dir / f"{name}.toml"
         if not p.exists():
-            raise ManifestError(f"--variant {name_or_path!r}: unknown variant; expected one of "
+            raise ManifestError(f"variant {name_or_path!r}: unknown variant; expected one of "
                                 f"{', '.join(variant_names(manifest_dir))}")
     return _from_dict(_read_toml(p), p)
 
@@ -155,7 +155,7 @@ def check_expectations(manifest: Manifest, facts: dict[str, Any], source: str) -
         if got != want:
             raise ManifestError(
                 f"{source}: config field {key} = {got!r} but manifest {manifest.name} expects "
-                f"{want!r}; pick the right --variant or omit it to auto-detect")
+                f"{want!r}; pick the right variant=NAME or omit it to auto-detect")
 
 
 def detect_variant(facts: dict[str, Any], manifest_dir: Path = MANIFEST_DIR) -> Manifest:

@@ -113,7 +113,7 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bo
     validate_repo_id(repo_id)
     tok = find_token(token)
     if tok is None and not dry_run:
-        raise PublishError(f"no Hugging Face token to upload {repo_id}: pass --token, set HF_TOKEN, "
+        raise PublishError(f"no Hugging Face token to upload {repo_id}: pass token=TOKEN, set HF_TOKEN, "
                            "or run `hf auth login`")
     plan = dict(validate_folder(folder))
     fill = _card_fill(folder, repo_id)

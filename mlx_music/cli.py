@@ -41,7 +41,7 @@ def friendly_errors(fn):
         except _user_errors() as e:
             if os.environ.get("MLX_MUSIC_DEBUG"):
                 raise
-            msg = " ".join(str(e).split()) or type(e).__name__
+            msg = " ".join(str(_as_flags(e)).split()) or type(e).__name__  # the API's parameters as flags
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as e:
@@ -279,7 +279,15 @@ _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--
           "melody": "--melody", "audio_prompt": "--continue-from", "seed": "--seed",
           "chunk_seconds": "--chunk-seconds", "prompts": "--prompt", "adapter": "--adapter",
           "dtype": "--dtype", "quantize": "-q", "decoding_steps": "--decoding-steps",
-          "span_arrangement": "--span-arrangement", "max_cfg_coef": "--max-cfg-coef", "min_cfg_coef": "--min-cfg-coef"}
+          "span_arrangement": "--span-arrangement", "max_cfg_coef": "--max-cfg-coef", "min_cfg_coef": "--min-cfg-coef",
+          # convert / convert-adapter / convert-all / publish: the converter's parameters
+          "hf_path": "--hf-path", "mlx_path": "--mlx-path", "variant": "--variant", "max_shard_size": "--max-shard-size",
+          "force": "--force", "revision": "--revision", "allow_nonfinite": "--allow-nonfinite", "format": "--format",
+          "text_encoder": "--text-encoder", "codec": "--codec", "quantize.bits": "--q-bits",
+          "quantize.group_size": "--q-group-size", "quantize.recipe": "--q-recipe", "base": "--base",
+          "verify": "--verify", "token": "--token",
+          # parity: run_parity / run_audiocraft_parity / fidelity_report
+          "ac_path": "--hf-path", "reference_path": "--reference-mlx-path", "steps": "--steps"}
 
 
 def _settings_record(pipe, sampling: dict, magnet: dict):
@@ -294,15 +302,26 @@ def _settings_record(pipe, sampling: dict, magnet: dict):
 
 
 def _as_flags(e: ValueError) -> ValueError:
-    """The runtime's "parameter value: problem (use other)" → "--flag value: problem (use --other)":
-    the leading name and a "use X" hint, never words inside paths or values."""
+    """The API's "parameter value: problem (use other)" → "--flag value: problem (use --other)",
+    and its hints "pass force=True" / "text_encoder=PATH" / "format='audiocraft'" → "pass --force" /
+    "--text-encoder PATH" / "--format audiocraft": the leading name, a "use X" hint and name=value
+    forms of known parameters, never words inside paths or values."""
     import re
 
-    msg, name = str(e), str(e).split(" ", 1)[0].rstrip(":")
-    if name not in _FLAGS:
-        return e
-    msg = _FLAGS[name] + msg[len(name):]
-    return ValueError(re.sub(r"\(use (\w+)", lambda m: f"(use {_FLAGS.get(m.group(1), m.group(1))}", msg))
+    msg = str(e)
+
+    def flag_form(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in _FLAGS:
+            return m.group(0)
+        return _FLAGS[name] if value == "True" else f"{_FLAGS[name]} {value.strip(chr(39))}"
+
+    out = re.sub(r"(?<![\w/.=-])([a-z_][a-z_.]*[a-z])=(True|'[^'\s]*'|[A-Z][A-Z_]*\b)", flag_form, msg)
+    name = out.split(" ", 1)[0].rstrip(":")
+    if name in _FLAGS:
+        out = _FLAGS[name] + out[len(name):]
+        out = re.sub(r"\(use (\w+)", lambda m: f"(use {_FLAGS.get(m.group(1), m.group(1))}", out)
+    return e if out == msg else ValueError(out)
 
 
 @main.command()

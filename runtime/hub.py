@@ -105,7 +105,7 @@ def _local_folder(raw: str, revision: str | None, what: str, kind: str) -> Path 
         if not local.is_dir():
             raise ModelNotFoundError(f"{what} path {raw} is a file; expected {kind} folder")
         if revision is not None:
-            raise ModelNotFoundError(f"--revision {revision} only applies to hub repo ids, not the local folder {raw}")
+            raise ModelNotFoundError(f"revision {revision} only applies to hub repo ids, not the local folder {raw}")
         return local
     if _looks_like_path(raw):
         raise ModelNotFoundError(f"{what} folder {raw} does not exist (and it is not a valid hub repo id 'org/name')")
@@ -231,7 +231,7 @@ def resolve_source(path_or_repo_id: str | os.PathLike, files: list[str], weights
     holds is used. Same cache, token, offline and error behaviour as resolve_model_path.
     """
     raw = os.fspath(path_or_repo_id)
-    local = _local_folder(raw, revision, "--hf-path", "a Hugging Face checkpoint")
+    local = _local_folder(raw, revision, "hf_path", "a Hugging Face checkpoint")
     if local is not None:
         return Source(local.resolve())
     hub = _HubRepo(raw, revision, token, cache_dir)

@@ -44,7 +44,7 @@ def load_model(folder: Path, verify: bool = False) -> tuple[MusicGen, dict]:
     try:
         ckpt = verify_checkpoint(folder, "sha256" if verify else "sizes")
     except RecordMissingError as e:
-        raise CheckpointError(f"{e}; cannot --verify without it") from None
+        raise CheckpointError(f"{e}; cannot verify=True without it") from None
     config = ckpt.config
     model = build_model(config)
     weights: dict[str, mx.array] = {}

@@ -228,7 +228,7 @@ def test_existing_output_needs_force_and_force_replaces(hf_folder, tmp_path):
     out = tmp_path / "o"
     convert_checkpoint(hf_folder("mono"), out, progress=False)
     before = (out / "config.json").read_text()
-    with pytest.raises(OutputError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match=r"^mlx_path .*: already exists; pass force=True"):  # the API's parameter
         convert_checkpoint(hf_folder("stereo"), out, progress=False)
     assert (out / "config.json").read_text() == before
     convert_checkpoint(hf_folder("stereo"), out, force=True, progress=False)

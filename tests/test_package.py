@@ -138,3 +138,43 @@ def test_one_version_and_distribution_name():
             text = path.read_text(errors="replace")
             stale += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"install[^\n]{0,40}\bmlx-music\b(?!-toolkit)[^\n]{0,30}", text)]
     assert stale == []
+
+
+def test_api_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    """The Python API's errors name its parameters ("pass force=True"), the CLI's the flags
+    ("pass --force"): one fault, both ways; and no raise site below the CLI names a flag."""
+    import re
+
+    from click.testing import CliRunner
+
+    from mlx_music import convert
+    from mlx_music.cli import main
+    from mlx_music.converters.errors import OutputError
+
+    tiny = ROOT / "tests" / "data" / "tiny-musicgen-stereo"
+    (tmp_path / "out").mkdir()
+    try:
+        convert(tiny, tmp_path / "out", progress=False)
+        raise AssertionError("converted into an existing folder")
+    except OutputError as e:
+        assert str(e) == f"mlx_path {tmp_path / 'out'}: already exists; pass force=True to replace it"
+    r = CliRunner().invoke(main, ["convert", "--hf-path", str(tiny), "--mlx-path", str(tmp_path / "out"), "--quiet"])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: --mlx-path {tmp_path / 'out'}: already exists; pass --force to replace it\n"
+    r = CliRunner().invoke(main, ["convert", "--hf-path", str(tiny), "--mlx-path", str(tmp_path / "x"), "--quiet",
+                                  "--codec", "facebook/encodec_32khz"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --codec: only for audiocraft-format checkpoints") \
+        and r.stderr.endswith("(use --format audiocraft if it holds both)\n")
+
+    # The whole kind: a message that starts with a flag, or a hint that says "pass --flag".
+    flag_in_message = re.compile(r"""(Error|Exception)\(\s*f?["'](--[a-z])|["'][^"'\n]*\bpass --[a-z]""")
+    # batch_status(out_dir) is only reached through `batch --status DIR`; its message names that flag.
+    allowed = {("batch_job.py", "--status")}
+    found = []
+    for folder in ("converters", "runtime", "mlx_models", "mlx_music/eval"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for m in flag_in_message.finditer(path.read_text()):
+                line = path.read_text()[m.start():].splitlines()[0]
+                if not any(path.name == f and flag in line for f, flag in allowed):
+                    found.append(f"{path.relative_to(ROOT)}: {line.strip()[:100]}")
+    assert found == []

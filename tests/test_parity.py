@@ -170,7 +170,7 @@ def test_mismatched_models_raise(hf_folder, mlx_folder) -> None:
 
 
 def test_too_few_steps_is_a_clear_error(hf_folder, mlx_folder) -> None:
-    with pytest.raises(ParityError, match="--steps 3"):
+    with pytest.raises(ParityError, match="^steps 3"):
         run_parity(hf_folder("mono"), mlx_folder("mono"), steps=3)
 
 

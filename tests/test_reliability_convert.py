@@ -372,14 +372,14 @@ SOURCE_CASES = [
     SourceCase("variant-codebooks", "single", lambda s: None, ManifestError,
                ("musicgen-stereo-medium expects 2",), kwargs={"variant": "musicgen-stereo-medium"}, previous=True),
     SourceCase("variant-unknown", "single", lambda s: None, ManifestError,
-               ("--variant", "musicgen-tiny", "musicgen-small"), kwargs={"variant": "musicgen-tiny"}),
+               ("variant 'musicgen-tiny'", "musicgen-small"), kwargs={"variant": "musicgen-tiny"}),
     # tensors
     SourceCase("tensor-wrong-shape", "single", _set_tensor(EMB, lambda t: t[:-1]), CompletenessError,
                ("text_encoder.embed_tokens.weight", "(98, 16) != (99, 16)")),
     SourceCase("tensor-nan", "single", _set_tensor(FC2, _poke(float("nan"), (0, 3))), SourceError,
-               (FC2, "NaN/Inf", "--allow-nonfinite")),
+               (FC2, "NaN/Inf", "allow_nonfinite=True")),  # the API names its parameter
     SourceCase("tensor-inf-force", "single", _set_tensor(EMB, _poke(float("-inf"), (5, 1))), SourceError,
-               (EMB, "NaN/Inf", "--allow-nonfinite"), previous=True),
+               (EMB, "NaN/Inf", "allow_nonfinite=True"), previous=True),
     SourceCase("tokenizer-missing", "single", lambda s: (s / "tokenizer.json").unlink(), SourceError,
                ("{src}", "tokenizer.json")),
     SourceCase("no-weights", "single", lambda s: (s / ST).unlink(), SourceError, ("{src}", "no weights found")),

@@ -115,7 +115,7 @@ LOAD_CASES = [
     LoadCase("index-not-json", lambda m: (m / INDEX).write_text("nah"), IncompleteCheckpointError,
              ("{m}", INDEX, "unreadable")),
     LoadCase("verify-without-record", lambda m: (m / "conversion.json").unlink(), CheckpointError,
-             ("{m}/conversion.json", "--verify"), verify=True),
+             ("{m}/conversion.json", "verify=True"), verify=True),  # the API names its parameter
     # A hand-edited record (an entry without its size) must be named, not crash with KeyError.
     LoadCase("record-entry-malformed", _edit_json("conversion.json", lambda r: r["files"][SHARD].pop("size")),
              CheckpointError, ("{m}/conversion.json", SHARD), cli=True),

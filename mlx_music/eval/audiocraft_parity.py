@@ -70,7 +70,7 @@ def run_audiocraft_parity(ac_path: str | os.PathLike, mlx_path: str | os.PathLik
 
     folder = Path(os.path.expanduser(str(ac_path)))
     if not is_audiocraft_source(folder):
-        raise ParityError(f"--hf-path {ac_path}: not an audiocraft-format folder (state_dict.bin)")
+        raise ParityError(f"ac_path {ac_path}: not an audiocraft-format folder (state_dict.bin)")
     shimmed = _import_audiocraft()
     from audiocraft.models import AudioGen, MusicGen
     from audiocraft.models.loaders import load_compression_model, load_lm_model

@@ -147,7 +147,7 @@ def _convert_reference(source: str, tmp: Path) -> Path:
     try:
         from mlx_music.converters.convert import convert_checkpoint  # needs torch only for .bin sources
     except ImportError as e:  # pragma: no cover - converter extras missing
-        raise ValueError(f"--reference {source}: a transformers reference needs the converter "
+        raise ValueError(f"reference_path {source}: a transformers reference needs the converter "
                          f"extras ({pip_hint('convert')}): {e}") from None
     out = tmp / "reference-fp32"
     convert_checkpoint(source, out, dtype="float32", progress=False)
