@@ -115,3 +115,18 @@ def test_training_metrics_with_a_torn_last_line_still_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n{"step": 3, "loss": 2.0}\n{"step": 4, "lo')
     _truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n'
+
+
+def test_a_six_channel_training_file_names_the_file(tmp_path):
+    """The same kind as the audio prompt: a training file that cannot be mixed to the model's
+    channels is named in the error (not ``<waveform>``)."""
+    from types import SimpleNamespace
+
+    from mlx_music.train.data import DataError, DataSettings, _encode_file
+
+    six = (0.1 * np.random.default_rng(1).standard_normal((32000, 6))).astype(np.float32)
+    sf.write(tmp_path / "six.wav", six, 32000)
+    with pytest.raises(DataError) as info:
+        _encode_file(tmp_path / "six.wav", SimpleNamespace(sample_rate=32000, audio_channels=2), DataSettings())
+    assert str(info.value) == (f"{tmp_path / 'six.wav'}: cannot convert 6 channels to 2 (give mono or 2-channel "
+                               "audio; no downmix of more channels is defined)")

@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_music.runtime.audio_io import read_audio, resample, to_channels
+from mlx_music.runtime.audio_io import AudioInputError, read_audio, resample, to_channels
 from mlx_music.runtime.checksums import sha256_file
 from mlx_music.runtime.records import csv_records, jsonl_lines
 
@@ -257,7 +257,10 @@ def _encode_file(path: Path, pipe, settings: DataSettings):
     if wav.shape[1] < settings.min_seconds * sr:
         raise DataError(f"{path}: {wav.shape[1] / sr:.2f} s long; shorter than the minimum of "
                         f"{settings.min_seconds:g} s (--min-seconds)")
-    wav = to_channels(wav, pipe.audio_channels)
+    try:
+        wav = to_channels(wav, pipe.audio_channels)
+    except AudioInputError as e:  # name the file, not "<waveform>"
+        raise DataError(f"{path}: {e.problem}") from None
     if sr != sr_out:
         wav = resample(wav, sr, sr_out)
     parts, dropped = segment(wav, sr_out, settings.segment, settings.min_seconds)
