@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from mlx_music.runtime.audio_io import check_sample_rate
+
 __all__ = [
     "ChromaExtractor",
     "chroma_filter_bank",
@@ -196,10 +198,12 @@ def sinc_resample(
 
     lead = wav.shape[:-1]
     flat = wav.reshape(-1, wav.shape[-1])
-    padded = np.pad(flat, ((0, 0), (width, width + orig)))
     if new * (2 * width + orig) > _KERNEL_BUDGET:
+        # Outputs read at most `width` + 1 samples past the input's end (never a block of `orig`).
+        padded = np.pad(flat, ((0, 0), (width, width + 2)))
         out = _blockwise_resample(padded, orig, new, width, target, lowpass_width, rolloff)
         return out.reshape(*lead, -1) if lead else out[0]
+    padded = np.pad(flat, ((0, 0), (width, width + orig)))
     kernel, _ = _sinc_kernel(orig, new, lowpass_width, rolloff)
     taps = kernel.shape[1]
     n_blocks = (padded.shape[1] - taps) // orig + 1
@@ -265,7 +269,11 @@ class ChromaExtractor:
     # ---- steps -------------------------------------------------------------------
 
     def prepare(self, wav: Any, sr: int) -> np.ndarray:
-        """Steps 1-3 for one clip: 1-D float64 mono at ``sampling_rate``, <= 30 s."""
+        """Steps 1-3 for one clip: 1-D float64 mono at ``sampling_rate``, <= 30 s.
+
+        ``sr`` must be within `audio_io.MIN_SAMPLE_RATE`-`MAX_SAMPLE_RATE` (else `AudioInputError`,
+        a ValueError): the resampler's filter grows with the rate ratio."""
+        sr = check_sample_rate(sr, "<waveform>")
         arr = _as_float_array(wav)
         if arr.ndim == 1:
             arr = arr[None, :]

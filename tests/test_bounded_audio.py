@@ -188,3 +188,29 @@ def test_cli_refuses_an_odd_rate_in_one_line(mlx_folder, tmp_path):
                    "--melody", str(path), "--out", str(tmp_path / "out.wav"), "--quiet"])
     assert_cli_error(run, "generate", ["--melody", str(path), "sample rate 1009 Hz", "4000-384000 Hz"])
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_chroma_extractor_refuses_rates_outside_the_range():
+    ex = ChromaExtractor()
+    for rate in (1, 2**31 - 1):
+        with pytest.raises(ValueError, match=f"sample rate {rate} Hz"):
+            ex(np.ones(1000) * 0.1, rate)
+
+
+def test_batch_job_fails_only_the_row_with_an_odd_rate(pipe, tmp_path):
+    import json
+
+    from mlx_music.runtime.batch_job import run_batch
+
+    small_wav(tmp_path, 1)
+    small_wav(tmp_path, 22051)
+    rows = [{"id": "bad", "prompt": "rock", "duration": 0.2, "melody": "odd-1.wav"},
+            {"id": "good", "prompt": "rock", "duration": 0.2, "melody": "odd-22051.wav"},
+            {"id": "plain", "prompt": "jazz", "duration": 0.2}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_batch(prompts, pipe, tmp_path / "out", batch_size=4, progress=False, model_name="melody")
+    assert (s.ok, s.failed) == (2, 1)
+    entries = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert entries["bad"]["status"] == "failed" and entries["good"]["status"] == "ok"
+    assert entries["bad"]["reason"].startswith("melody ") and "sample rate 1 Hz" in entries["bad"]["reason"]
