@@ -4,6 +4,7 @@ reading, and "the same request run alone" as `mlx-music generate` would write it
 from __future__ import annotations
 
 import io
+import struct
 import socket
 import threading
 import time
@@ -77,3 +78,13 @@ def tone_wav(seconds: float, sr: int = 32000, amplitude: float = 0.3) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, (amplitude * np.sin(2 * np.pi * 330 * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+def odd_rate_wav(rate: int, frames: int = 1000) -> bytes:
+    """A 2 KB mono 16-bit WAV whose header claims ``rate`` Hz (the issue's odd.wav)."""
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(np.arange(frames) / 5)).astype(np.float32), 8000, format="WAV", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", rate * 2)
+    return bytes(data)

@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from mlx_music.server import ServerConfig, create_app
 from mlx_music.server.batcher import Job
 from mlx_music.server.clips import ClipStore
 from mlx_music.server.inputs import ApiError
-from server_helpers import UvicornThread, alone, convert_embedded, free_port, pcm16, tone_wav
+from server_helpers import UvicornThread, alone, convert_embedded, free_port, odd_rate_wav, pcm16, tone_wav
 
 HOP = 640
 
@@ -48,16 +47,6 @@ def tiny(tiny_folder):
 def make(pipes, tmp_path, **cfg):
     cfg.setdefault("temp_root", str(tmp_path))
     return create_app(pipes, ServerConfig(**cfg))
-
-
-def odd_rate_wav(rate: int, frames: int = 1000) -> bytes:
-    """A 2 KB mono 16-bit WAV whose header claims ``rate`` Hz (the issue's odd.wav)."""
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(np.arange(frames) / 5)).astype(np.float32), 8000, format="WAV", subtype="PCM_16")
-    data = bytearray(buf.getvalue())
-    data[24:28] = struct.pack("<I", rate)
-    data[28:32] = struct.pack("<I", rate * 2)
-    return bytes(data)
 
 
 def one_line_error(r: httpx.Response, status: int, words: str) -> str:
