@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from mlx_music._meta import __version__, missing_extra, pip_hint
+from mlx_music._meta import EXTRA_OF, __version__, missing_extra
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -680,8 +680,8 @@ def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration,
     """Serve a web page and an HTTP API (OpenAPI docs at /docs) that generate with these models."""
     try:
         from mlx_music.server import ServerConfig, serve as run_server
-    except ImportError as e:
-        raise click.ClickException(f"the server needs the serve extra: {pip_hint('serve')} ({e})")
+    except ImportError as e:  # one line naming the extra, exit 2 (as every missing extra)
+        raise MissingExtraError(e.name if e.name in EXTRA_OF else "fastapi", "serve") from None
     cfg = ServerConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                        max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                        chunk_seconds=chunk_seconds, keep_clips=keep_clips)
@@ -712,7 +712,8 @@ def cache_list(as_json):
     click.echo(f"cache: {cache_dir()}")
     for e in entries:
         click.echo(f"{e.bytes / 1e6:9.1f} MB  {e.source}  revision {e.revision[:12]}  {e.settings}  ({e.name})")
-    click.echo(f"{len(entries)} entries, {sum(e.bytes for e in entries) / 1e6:.1f} MB")
+    click.echo(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, "
+               f"{sum(e.bytes for e in entries) / 1e6:.1f} MB")
 
 
 @cache.command("remove")
