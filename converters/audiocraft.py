@@ -41,6 +41,7 @@ from mlx_music.runtime.hub import ModelNotFoundError, Source, resolve_source
 # 18 s of 30 s is the runtime's default, generation.STRIDE_RATIO).
 AUDIOGEN_EXTEND_STRIDE = 2.0
 LM_FILE = "state_dict.bin"
+_T5_IN_LM = "condition_provider.conditioners.description.t5."  # a fine-tuned T5's keys in best_state
 CODEC_FILE = "compression_state_dict.bin"
 FORMATS = ("audiocraft", "transformers")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -504,8 +505,15 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
         raise SourceError(f"{lm_path}: no xp.cfg (expected audiocraft's export layout: best_state, xp.cfg)")
     xp = XpConfig(pkg["xp.cfg"], label)
     lm = read_lm_settings(xp)
+    # A T5 fine-tuned with the LM (t5.finetune: true) is a registered module of audiocraft's
+    # T5Conditioner, so its weights sit in best_state: converted from there, not from the hub.
+    tuned_t5 = {k[len(_T5_IN_LM):]: v for k, v in sd.items() if k.startswith(_T5_IN_LM)}
+    finetune = xp.typed("conditioners.description.t5.finetune", bool)  # no default in audiocraft
+    if finetune != bool(tuned_t5):
+        raise SourceError(f"{lm_path}: xp.cfg conditioners.description.t5.finetune = {finetune} but best_state "
+                          f"{'has no' if finetune else 'holds'} T5 weights ({_T5_IN_LM}*)")
     reader = CombinedReader()
-    reader.add_dict(LM_FILE, lm_path, sd, "")
+    reader.add_dict(LM_FILE, lm_path, {k: v for k, v in sd.items() if not k.startswith(_T5_IN_LM)}, "")
 
     # Text encoder: by the name xp.cfg gives, or --text-encoder.
     t5_folder = _resolve_named(text_encoder or lm.t5_name, "text_encoder", "text encoder",
@@ -516,7 +524,10 @@ def prepare(folder: Path, *, variant: str | None = None, text_encoder: str | Non
         raise SourceError(f"text encoder {t5_folder}: d_model {t5_cfg.get('d_model')} does not match the "
                           f"checkpoint's text projection (input width {proj.shape[1]}); pass text_encoder=PATH_OR_REPO "
                           f"with the T5 it was trained with ({lm.t5_name})")
-    reader.add_folder("t5", CheckpointReader(t5_folder, workers=workers), "text_encoder.")
+    if tuned_t5:  # the folder still gives the T5 config and tokenizer
+        reader.add_dict(f"{LM_FILE}:t5", lm_path, tuned_t5, "text_encoder.")
+    else:
+        reader.add_folder("t5", CheckpointReader(t5_folder, workers=workers), "text_encoder.")
 
     # Codec: --codec, else the compression file (a full package, or a stub naming a repo).
     codec_path = folder / CODEC_FILE

@@ -536,3 +536,68 @@ def test_default_extend_stride_comes_from_the_model_family(converted):
     music = mlx_music.load(converted("mono"))
     plan = music.frames([Request("pop", 40.0, seed=1)]).plan
     assert [(w.start, w.keep) for w in plan] == [(0, 0), (900, 600)]  # 18 s of 30 s
+
+
+# ------------------------------------------------------------------------------ fine-tuned T5
+
+T5_PREFIX = "condition_provider.conditioners.description.t5."
+
+
+def _finetuned_t5_package(scale: float) -> dict:
+    """The mono LM as audiocraft saves it with ``conditioners.description.t5.finetune: true``: the
+    T5 encoder is a registered module, so best_state also holds its weights under T5_PREFIX
+    (checked with audiocraft 1.3.0: ``shared.weight``, ``encoder.embed_tokens.weight``,
+    ``encoder.block.N...``, ``encoder.final_layer_norm.weight``). ``scale`` changes the
+    feed-forward weights, as a fine-tune would."""
+    from safetensors.torch import load_file
+
+    t5 = next((DATA / "hf-cache" / "models--t5-base" / "snapshots").iterdir())
+    weights = {k: v for k, v in load_file(t5 / "model.safetensors").items() if k.startswith(("shared.", "encoder."))}
+    weights["encoder.embed_tokens.weight"] = weights["shared.weight"]
+    weights = {k: v * scale if "DenseReluDense" in k else v for k, v in weights.items()}
+    pkg = _package()
+    text = pkg["xp.cfg"].replace("finetune: false", "finetune: true", 1)
+    return {**pkg, "xp.cfg": text, "best_state": {**pkg["best_state"], **{T5_PREFIX + k: v for k, v in weights.items()}}}
+
+
+def test_finetuned_t5_weights_in_the_lm_file_are_used(converted, tmp_path):
+    """Every key form audiocraft loads: a fine-tuned T5 inside state_dict.bin is converted (its
+    weights, not the hub T5's); unchanged, it gives the plain conversion and audiocraft's tokens."""
+    import mlx_music
+
+    same = tmp_path / "same"
+    same.mkdir()
+    src = _folder(same, "mono", lm=_finetuned_t5_package(1.0))
+    r = cli("convert", "--hf-path", str(src), "--mlx-path", str(same / "out"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    a, b = _tensors(converted("mono")), _tensors(same / "out")
+    assert sorted(a) == sorted(b)
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    ref = refs("mono")
+    res = mlx_music.load(same / "out").generate([str(ref["prompt"])], float(ref["duration"]), greedy=True,
+                                                guidance_scale=3.0)
+    np.testing.assert_array_equal(res.codes[0], ref["tokens"][0])
+
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    src = _folder(tuned, "mono", lm=_finetuned_t5_package(1.5))
+    r = cli("convert", "--hf-path", str(src), "--mlx-path", str(tuned / "out"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    c = _tensors(tuned / "out")
+    ff = [k for k in a if k.startswith("text_encoder.") and ("wi" in k or "wo" in k)]
+    assert ff and all(np.allclose(np.array(c[k]), 1.5 * np.array(a[k]), rtol=1e-6) for k in ff)
+    assert all(np.array_equal(np.array(a[k]), np.array(c[k])) for k in a if k not in ff)
+
+
+def test_t5_finetune_flag_must_match_the_weights(tmp_path):
+    cases = {"flag-without-weights": dict(xp_edit=lambda t: t.replace("finetune: false", "finetune: true", 1)),
+             "weights-without-flag": dict(lm={**_finetuned_t5_package(1.0), "xp.cfg": _package()["xp.cfg"]}),
+             "flag-missing": dict(xp_edit=lambda t: t.replace("      finetune: false\n", "", 1))}
+    needles = {"flag-without-weights": "t5.finetune = True but best_state has no T5 weights",
+               "weights-without-flag": "t5.finetune = False but best_state holds T5 weights",
+               "flag-missing": "xp.cfg has no field conditioners.description.t5.finetune"}
+    for name, spec in cases.items():
+        (tmp_path / name).mkdir()
+        src = _folder(tmp_path / name, "mono", **spec)
+        out = tmp_path / name / "out"
+        _assert_refused(cli("convert", "--hf-path", str(src), "--mlx-path", str(out), "--quiet"), out, needles[name])
