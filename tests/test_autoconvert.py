@@ -214,6 +214,12 @@ def test_bin_source_without_torch_names_the_extra(hf_cache, tmp_path, monkeypatc
     assert rc == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1] == "error: reading checkpoints needs torch: pip install 'mlx-music-toolkit[convert]'"
     assert list_cache() == [] and not (tmp_path / "o.wav").exists()
+    # An audiocraft-format folder (torch pickles): the same line, from the API as a ValueError.
+    from mlx_music.converters.errors import SourceError
+
+    with pytest.raises(SourceError, match=r"^reading checkpoints needs torch: pip install 'mlx-music-toolkit\[convert\]'$"):
+        resolve_model(Path(__file__).parent / "data" / "audiocraft" / "mono", progress=False)
+    assert list_cache() == []
 
 
 def test_batch_and_serve_take_an_unconverted_model(hf_cache, tmp_path, monkeypatch):
@@ -246,3 +252,25 @@ def test_convert_q_on_a_cpu_warns_once(tmp_path):
     assert len(warned) == (1 if ON_CPU else 0) and "quantized 2 modules" in r.stdout
     r = CliRunner().invoke(main, ["convert", "--hf-path", str(TINY), "--mlx-path", str(tmp_path / "n"), "--quiet", "-q"])
     assert r.exit_code == 0 and "slow on a CPU" not in r.stderr  # group size 64: nothing quantized
+
+
+def test_audiocraft_folder_converts_once(tmp_path, monkeypatch):
+    """An audiocraft-format folder (state_dict.bin + compression_state_dict.bin; its T5 from the
+    HF cache) as load()'s source: converted once, the same model as an explicit convert."""
+    import mlx_music
+    from mlx_music.converters.convert import convert_checkpoint
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(Path(__file__).parent / "data" / "audiocraft" / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MLX_MUSIC_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "mono"
+    shutil.copytree(Path(__file__).parent / "data" / "audiocraft" / "mono", src)
+    logs: list[str] = []
+    folder = resolve_model(src, log=logs.append, progress=False)
+    assert resolve_model(src, log=logs.append, progress=False) == folder and len(logs) == 1
+    source = json.loads((folder / "conversion.json").read_text())["source"]
+    assert (source["format"], source["path"]) == ("audiocraft", str(src.resolve()))
+    convert_checkpoint(src, tmp_path / "explicit", progress=False)
+    a = mlx_music.load(src, progress=False).generate("calm piano", duration=0.2, seed=5).audio[0]
+    b = mlx_music.load(tmp_path / "explicit").generate("calm piano", duration=0.2, seed=5).audio[0]
+    assert a.shape == (1, 6400) and np.array_equal(a, b) and np.abs(a).max() > 0
