@@ -133,10 +133,11 @@ def test_one_version_and_distribution_name():
     # The other "mlx-music" on the package index is someone else's project: no hint may name it.
     stale = []
     for path in [ROOT / "README.md", ROOT / "pyproject.toml", *ROOT.glob("notes/*.md"), *ROOT.glob("scripts/*"),
+                 *ROOT.glob("benchmarks/*"), *ROOT.glob("docs/*.md"), *ROOT.glob("mlx_music/server/static/*"),
                  *[p for d in ("mlx_music", "converters", "runtime", "mlx_models") for p in (ROOT / d).rglob("*.py")]]:
         if path.is_file():
             text = path.read_text(errors="replace")
-            stale += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"install[^\n]{0,40}\bmlx-music\b(?!-toolkit)[^\n]{0,30}", text)]
+            stale += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"install[^\n]{0,40}\bmlx-music\b(?!-toolkit)[^\n]{0,30}|\bmlx-music\[", text)]
     assert stale == []
 
 
