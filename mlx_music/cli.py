@@ -655,7 +655,9 @@ def _model_specs(specs: tuple[str, ...]) -> dict[str, str]:
 @main.command()
 @click.option("--model", "models", multiple=True, required=True,
               help="MLX checkpoint folder or hub repo id; repeat for several. ID=PATH names it (default id: the folder name).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Another than loopback (e.g. 0.0.0.0) prints a warning: anyone who can reach "
+                   "it can use the server (see --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Most requests of one model decoded as one batch.")
@@ -665,30 +667,39 @@ def _model_specs(specs: tuple[str, ...]) -> dict[str, str]:
               help="Waiting requests before the server answers 503 (with Retry-After).")
 @click.option("--max-duration", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
               help="Longest request in seconds; longer ones are refused, not clipped.")
-@click.option("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True), default=16.0, show_default=True,
-              help="Largest request body (melody / audio prompt uploads).")
+@click.option("--max-upload-mb", type=click.FloatRange(0, 64, min_open=True), default=16.0, show_default=True,
+              help="Largest request body (melody / audio prompt uploads); at most 64, so that uploads stay in "
+                   "memory and the server's private folder, never in the system temp folder.")
 @click.option("--chunk-seconds", type=click.FloatRange(0.02, 30), default=0.5, show_default=True,
               help="Audio per streamed chunk.")
 @click.option("--keep-clips", type=click.IntRange(1, 10000), default=32, show_default=True,
               help="Finished clips of the page kept in memory for download.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn log level.")
+@click.option("--api-key", envvar="MLX_MUSIC_API_KEY", default=None,
+              help="Require this key on every request but the page (Authorization: Bearer KEY, X-API-Key: KEY, "
+                   "or the page's cookie). Also read from $MLX_MUSIC_API_KEY.")
+@click.option("--allow-origin", "allow_origins", multiple=True,
+              help="A web origin (scheme://host:port) whose pages may call this server; repeat for several, "
+                   "'*' for any. By default a request from another origin's page is refused (403).")
 @functools.partial(_weight_options, cached=True)
 @friendly_errors
 def serve(models, host, port, max_batch, batch_wait_ms, max_queue, max_duration, max_upload_mb, chunk_seconds,
-          keep_clips, log_level, dtype, quantize, q_bits, q_group_size, q_recipe):
-    """Serve a web page and an HTTP API (OpenAPI docs at /docs) that generate with these models."""
+          keep_clips, log_level, dtype, quantize, q_bits, q_group_size, q_recipe, api_key, allow_origins):
+    """Serve a web page and an HTTP API (OpenAPI schema at /openapi.json) that generate with these models."""
     try:
         from mlx_music.server import ServerConfig, serve as run_server
     except ImportError as e:  # one line naming the extra, exit 2 (as every missing extra)
         raise MissingExtraError(e.name if e.name in EXTRA_OF else "fastapi", "serve") from None
     cfg = ServerConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                        max_duration=max_duration, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                       chunk_seconds=chunk_seconds, keep_clips=keep_clips)
+                       chunk_seconds=chunk_seconds, keep_clips=keep_clips, api_key=api_key or None,
+                       allow_origins=tuple(allow_origins))
     qopts = _quantize_options(quantize, q_bits, q_group_size, q_recipe)
     # The server takes MLX checkpoint folders: unconverted sources are converted (once) here.
     specs = {mid: _model_folder(src, None, dtype, qopts, False) for mid, src in _model_specs(models).items()}
-    click.echo(f"loading {', '.join(specs)}; then serving on http://{host}:{port}/ (API docs at /docs)", err=True)
+    click.echo(f"loading {', '.join(specs)}; then serving on http://{host}:{port}/ "
+               "(API schema at /openapi.json)", err=True)
     run_server(specs, host=host, port=port, config=cfg, log_level=log_level)
 
 

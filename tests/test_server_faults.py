@@ -395,6 +395,12 @@ def test_sigint_and_sigterm_stop_in_order_and_exit_0(tiny_folder):
 
 
 # ------------------------------------------------------------------------------- 8. exposure
+def test_serve_refuses_an_upload_limit_that_would_spool_outside_its_folder():
+    r = subprocess.run([sys.executable, "-m", "mlx_music.cli", "serve", "--model", "x", "--max-upload-mb", "100"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--max-upload-mb" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_api_key_origin_schema_and_ids(tiny, tmp_path):
     from mlx_music.server.app import exposure_warning
 

@@ -7,6 +7,7 @@ upload folder is empty, and SIGTERM stops it with exit status 0 and no folder le
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import pytest
 
 from server_helpers import convert_embedded, free_port, odd_rate_wav, pcm16, tone_wav
 
+KEY = "soak-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 CLIENTS = 16
 CLIP_SCRIPT = ["clip", "idle_clip", "cancel", "clip"]
 DIRECT_SCRIPT = ["whole", "melody", "bad", "stream", "drop", "bad"]
@@ -119,10 +122,11 @@ async def _client(i: int, c: httpx.AsyncClient, got: dict, statuses: Counter, cl
 def test_soak_sixteen_clients(folders, tmp_path):
     tiny, melody = folders
     port = free_port()
-    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "TMPDIR": str(tmp_path), "MLX_MUSIC_API_KEY": KEY}
     p = subprocess.Popen([sys.executable, "-m", "mlx_music.cli", "serve", "--model", f"tiny={tiny}",
                           "--model", f"melody={melody}", "--port", str(port), "--keep-clips", str(KEEP_CLIPS),
-                          "--batch-wait-ms", "100", "--chunk-seconds", "0.2", "--log-level", "warning"],
+                          "--batch-wait-ms", "100", "--chunk-seconds", "0.2", "--log-level", "warning",
+                          "--allow-origin", "http://ok.example"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -130,12 +134,16 @@ def test_soak_sixteen_clients(folders, tmp_path):
         while True:
             assert p.poll() is None, p.stdout.read()
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + "/health", timeout=2, headers=AUTH).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < end, "server did not start"
             time.sleep(0.2)
+        # The key from $MLX_MUSIC_API_KEY guards every endpoint; --allow-origin lets one other origin in.
+        assert httpx.get(url + "/health").status_code == 401
+        for origin, status in (("http://ok.example", 200), ("http://evil.example", 403)):
+            assert httpx.get(url + "/health", headers={**AUTH, "Origin": origin}).status_code == status
         proc = psutil.Process(p.pid)
         got: dict = defaultdict(list)
         statuses: Counter = Counter()
@@ -157,12 +165,12 @@ def test_soak_sixteen_clients(folders, tmp_path):
                     done.set()
 
             limits = httpx.Limits(max_connections=64)
-            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=AUTH) as c:
                 await asyncio.gather(sample(), clients(c))
 
         asyncio.run(load())
         # Quiet now: each spec alone, and every result of the load equal to it.
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120, headers=AUTH) as c:
             checked = 0
             for key, bodies in got.items():
                 spec = dict(key)
