@@ -250,3 +250,33 @@ def test_runtime_modules_do_not_import_torch():
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------------------- bounded reading (issue 21)
+def test_read_audio_max_seconds_is_a_prefix(tmp_path):
+    audio = np.stack([tone(440, 1.0), tone(660, 1.0)])
+    path = save_audio(tmp_path / "s.flac", audio, SR)
+    whole, _ = read_audio(path)
+    first, sr = read_audio(path, max_seconds=0.25)
+    assert sr == SR and first.shape == (2, SR // 4)
+    np.testing.assert_array_equal(first, whole[:, :SR // 4])
+    assert read_audio(path, max_seconds=5.0)[0].shape == whole.shape  # shorter file: all of it
+    with pytest.raises(ValueError, match="max_seconds"):
+        read_audio(path, max_seconds=0)
+
+
+def test_inputs_outside_the_limits_are_refused(tmp_path):
+    from mlx_music.runtime.audio_io import decode_audio_input
+
+    path = tmp_path / "nine.wav"
+    sf.write(path, np.zeros((100, 9), np.float32) + 0.1, SR)
+    with pytest.raises(AudioInputError, match="9 channels") as err:
+        read_audio(path)
+    assert_one_line_naming(err, "nine.wav")
+    for rate in (3999, 384001):
+        with pytest.raises(AudioInputError, match=f"sample rate {rate} Hz is outside the supported 4000-384000 Hz"):
+            load_audio_input((tone(440, 0.1), rate), SR)
+    # An in-memory waveform is cut before any conversion.
+    wav, sr, source = decode_audio_input((np.arange(8000, dtype=np.int16), 8000), max_seconds=0.5)
+    assert (wav.shape, sr, source) == ((1, 4000), 8000, "<waveform>")
+    np.testing.assert_array_equal(wav[0], np.arange(4000) / 32768.0)
