@@ -183,3 +183,25 @@ def test_qlora_trains_on_quantized_base_and_applies_to_float(bits, tmp_path, ton
     before = float(batch_loss(plain.model, **batch))
     after = float(batch_loss(adapted.model, **batch))
     assert after < 0.9 * before, (before, after)
+
+
+def test_full_disk_while_saving_keeps_the_last_adapter(tmp_path, tones, mlx_folder, monkeypatch):
+    import errno
+
+    real, calls = mx.save_safetensors, []
+
+    def save(path, arrays, metadata=None):
+        calls.append(path)
+        if len(calls) > 3:  # step 2's save wrote 3 files; step 4's first write finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, arrays, metadata=metadata) if metadata is not None else real(path, arrays)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    out = tmp_path / "run"
+    res = run_cli(tones, "--model", mlx_folder("mono"), "--out", out, "--steps", "6", "--batch-size", "2", "--rank", "2",
+                  "--segment", "1", "--min-seconds", "0.5", "--save-every", "2")
+    one_line_error(res, "write failed at step 4", "No space left", "kept")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["training"]["step"] == 2
+    assert load(mlx_folder("mono"), adapter=out) is not None  # a complete, loadable adapter
+    assert not [p.name for p in out.rglob("*partial*")]
