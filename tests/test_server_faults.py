@@ -165,6 +165,34 @@ def test_uploads_are_decoded_only_after_the_queue_check(tiny, mlx_folder, tmp_pa
     assert decoded == []
 
 
+def test_uploads_are_decoded_only_as_far_as_the_request_can_use(mlx_folder, tmp_path, monkeypatch):
+    """A 40 s melody for a 0.4 s request: the server decodes what the runtime can use (its
+    `input_seconds`, plus the resampler's margin), and the samples equal the whole file's."""
+    from mlx_music.server import inputs
+
+    melody = load(mlx_folder("melody"))
+    decoded = []
+    real = inputs.read_audio
+    monkeypatch.setattr(inputs, "read_audio", lambda *a: decoded.append(real(*a)[0].shape) or real(*a))
+    app = make({"melody": melody}, tmp_path)
+    long_tone = tone_wav(40.0, sr=8000)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                         timeout=120) as c:
+                return await c.post("/v1/generate", data={"prompt": "hum", "duration": "0.4", "seed": "3"},
+                                    files={"melody": ("m.wav", long_tone, "audio/wav")})
+
+    r = asyncio.run(run())
+    assert r.status_code == 200, r.text
+    keep = melody.input_seconds(0.4)["melody"] + inputs.DECODE_MARGIN_S
+    assert decoded == [(1, round(keep * 8000))] and keep < 40
+    whole = sf.read(io.BytesIO(long_tone), dtype="float32", always_2d=True)
+    assert np.array_equal(pcm16(r.content)[0], alone(melody, tmp_path, "hum", 0.4, seed=3,
+                                                     melody=(whole[0].T.copy(), whole[1])))
+
+
 # ------------------------------------------------------------- 4. clips live while they are heard
 class _FakeJob:
     def __init__(self, i, state="running", listeners=0):

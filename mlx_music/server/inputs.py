@@ -34,6 +34,10 @@ from mlx_music.server.batcher import Job, QueueFull
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_SEED = 2**31 - 1
 FILE_FIELDS = ("melody", "audio_prompt")
+# Seconds decoded past `MusicGenPipeline.input_seconds`: at least the runtime's own margin (the
+# melody resampler reads up to 3 s past its last output), so the runtime, which crops the rest,
+# gets the samples it would read from the file itself.
+DECODE_MARGIN_S = 5.0
 SPOOL_MAX_BYTES = 64 * 1024 * 1024  # multipart parts stay in memory up to this size (never spooled)
 # API parameter names of the runtime's errors → this API's field names.
 _RUNTIME_NAMES = {"guidance_scale": "guidance"}
@@ -163,8 +167,12 @@ async def read_body(request: HttpRequest) -> tuple[dict[str, Any], dict[str, Upl
     raise ApiError(415, f"content-type {ctype or '(none)'!r}: send application/json or multipart/form-data")
 
 
-async def decode_upload(name: str, upload: UploadFile, uploads: Path, max_bytes: int) -> tuple[Any, int]:
-    """An uploaded file → (float32 [C, S], sample rate), via a file in the private upload folder."""
+async def decode_upload(name: str, upload: UploadFile, uploads: Path, max_bytes: int,
+                        max_seconds: float) -> tuple[Any, int]:
+    """An uploaded file → (float32 [C, S], sample rate), via a file in the private upload folder.
+
+    Only its first ``max_seconds`` are decoded (a short FLAC can claim hours of audio); a sample
+    rate outside the runtime's range is a 400 naming the field, before anything is resampled."""
     folder = Path(tempfile.mkdtemp(prefix="req-", dir=uploads))
     try:
         path = folder / name  # a fixed name: the client's file name is never used
@@ -178,7 +186,7 @@ async def decode_upload(name: str, upload: UploadFile, uploads: Path, max_bytes:
         if size == 0:
             raise ApiError(400, f"{name}: the uploaded file is empty")
         try:
-            return await run_in_threadpool(read_audio, path, True)
+            return await run_in_threadpool(read_audio, path, True, max_seconds)
         except AudioInputError as err:
             raise ApiError(400, f"{name}: {err.problem.replace(str(path), name)}") from None
     finally:
@@ -228,9 +236,11 @@ async def queued_job(request: HttpRequest) -> Job:
             raise ApiError(503, str(err), {"Retry-After": str(err.retry_after)}) from None
         try:
             audio: dict[str, Any] = {}
+            seconds = pipe.input_seconds(d)  # what the runtime can use of each input at most
             for name in FILE_FIELDS:
                 if name in files:
-                    audio[name] = await decode_upload(name, files.pop(name), state.uploads, cfg.max_upload_bytes)
+                    audio[name] = await decode_upload(name, files.pop(name), state.uploads, cfg.max_upload_bytes,
+                                                      seconds[name] + DECODE_MARGIN_S)
             if "audio_prompt" in audio:
                 wav, sr = audio["audio_prompt"]
                 prompt_frames = math.ceil(wav.shape[-1] * pipe.sample_rate / sr / pipe.codec.hop)
