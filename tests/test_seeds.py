@@ -170,3 +170,17 @@ def test_parity_seed_uses_the_same_range(tmp_path, args):
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == ["error: --seed -1: must be an integer in [0, 4294967295] "
                                              "(the seed of parity's fixed inputs; default 0)"]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 18446744073709551615])
+def test_train_seed_uses_the_same_range(tmp_path, bad):
+    """The same kind: `train --seed` seeds numpy, mx.random.key and mx.random.seed(seed * 1000003 +
+    step); a negative or huge seed failed with a TypeError after the data was prepared."""
+    from mlx_music.train.run import TrainOptions
+
+    with pytest.raises(ValueError, match=rf"^--seed {bad}: must be an integer in \[0, 4294967295\]"):
+        TrainOptions(data="d", model="m", out=str(tmp_path / "o"), seed=bad).check()
+    r = cli("train", str(tmp_path / "no-data"), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
+            "--seed", str(bad))
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: --seed {bad}: must be an integer"), r.stderr

@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_music.runtime.sampling import check_seed
 from mlx_music.train.data import DataError, DataSettings, collate, prepare, read_folder
 from mlx_music.train.export import save_adapters
 from mlx_music.train.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_factors, set_lora_factors
@@ -91,6 +92,8 @@ class TrainOptions:
             raise ValueError(f"--warmup {self.warmup!r}: expected 0 <= warmup < --steps")
         if not (0.0 <= self.text_dropout < 1.0):
             raise ValueError(f"--text-dropout {self.text_dropout!r}: expected a number in [0, 1)")
+        # the one seed range: seed * 1000003 + step (mx.random.seed) then stays inside uint64
+        check_seed(self.seed, "--seed", "the seed of the run; default 0")
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the original (all but steps/progress/resume)."""
