@@ -330,7 +330,9 @@ def _as_flags(e: ValueError) -> ValueError:
 @click.option("--duration", type=float, default=10.0, show_default=True,
               help="Seconds of audio (with --continue-from: total length including the prompt).")
 @click.option("--out", required=True, help="Output file (.wav, .flac, .ogg); several prompts add -0, -1, ...")
-@click.option("--seed", type=int, default=None, help="Random seed (prompt i uses seed + i); same seed, same audio.")
+@click.option("--seed", type=int, default=None,
+              help="Seed in [0, 4294967295] (prompt i uses seed + i, mod 2**32); same seed, same audio. Without it: "
+                   "a random one, printed and recorded in each file's comment tag.")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default from the checkpoint: 3.0).")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (default 1.0).")
 @click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens (default 250; 0 disables).")
