@@ -6,7 +6,8 @@ Each variant goes to `out_dir/<variant>[-<dtype>][-<quantization>]`, e.g. `music
 Resumable by construction: `convert_checkpoint` builds each output in a temporary folder and renames
 it into place only when complete, so an interrupted run leaves no half-written output. On the next
 run an output is skipped only when the recorded options (dtype, quantization, variant, source) are
-the ones asked for and the folder passes runtime.checkpoint.verify_checkpoint at level "exact"
+the ones asked for, no file of a local source folder changed after the conversion (same path is
+not same contents), and the folder passes runtime.checkpoint.verify_checkpoint at level "exact"
 (every checkpoint file listed in `conversion.json` with its size and sha256); anything else is
 converted again.
 
@@ -91,10 +92,22 @@ def verify_output(folder: Path, *, dtype: str, quantize: QuantizeOptions | None,
     src = record.get("source", {})
     if source not in (src.get("repo_id"), src.get("path")):
         return f"converted from {src.get('repo_id') or src.get('path')}, not {source}"
+    changed = _changed_since(Path(source), record_path.stat().st_mtime) if Path(source).is_dir() else None
+    if changed:  # the same path is not the same source: a file replaced after the conversion
+        return f"source file {changed} changed after this conversion"
     try:
         verify_checkpoint(folder, "exact")
     except CheckpointError as e:
         return str(e)
+    return None
+
+
+def _changed_since(folder: Path, when: float) -> str | None:
+    """The first file of a local source folder modified after ``when`` (the conversion record's
+    mtime), or None. Cheap (no hashing): a source replaced in place is converted again."""
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.stat().st_mtime > when:
+            return p.name
     return None
 
 

@@ -130,3 +130,35 @@ def test_a_six_channel_training_file_names_the_file(tmp_path):
         _encode_file(tmp_path / "six.wav", SimpleNamespace(sample_rate=32000, audio_channels=2), DataSettings())
     assert str(info.value) == (f"{tmp_path / 'six.wav'}: cannot convert 6 channels to 2 (give mono or 2-channel "
                                "audio; no downmix of more channels is defined)")
+
+
+def test_convert_all_redoes_an_output_whose_local_source_changed(tmp_path, hf_folder):
+    """The same kind as batch resume comparing paths: `convert-all --hf-root` skipped an output
+    whenever the recorded source *path* matched, even after the source's weights were replaced."""
+    import os
+    import shutil
+
+    import mlx.core as mx
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_music.converters import convert_all as ca
+
+    root = tmp_path / "hf"
+    src = root / "musicgen-small"
+    shutil.copytree(hf_folder("mono"), src)
+    out = tmp_path / "out"
+    first = ca.convert_all(out, ["musicgen-small"], hf_root=root, check_variant=False)
+    assert [r.status for r in first] == ["converted"]
+    again = ca.convert_all(out, ["musicgen-small"], hf_root=root, check_variant=False)
+    assert [r.status for r in again] == ["skipped"]
+    weights = load_file(str(src / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("lm_heads.0.weight"))
+    weights[key] = weights[key] * 2  # a new fine-tune at the same path
+    save_file(weights, str(src / "model.safetensors"))
+    later = os.stat(out / "musicgen-small" / "conversion.json").st_mtime + 5
+    os.utime(src / "model.safetensors", (later, later))  # written after the conversion
+    redo = ca.convert_all(out, ["musicgen-small"], hf_root=root, check_variant=False)
+    assert [r.status for r in redo] == ["converted"], redo[0].message
+    got = {k: v for f in (out / "musicgen-small").glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+    head = next(k for k in got if k.endswith("lm_heads.0.weight"))
+    np.testing.assert_allclose(np.array(got[head]), weights[key], rtol=1e-6)
