@@ -272,6 +272,8 @@ def test_byte_ranges_and_head(tiny, tmp_path):
             assert r.status_code == 206 and r.content == whole.content[-100:]
             r = c.get(url, headers={"Range": f"bytes={size + 10}-{size + 20}"})
             assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}"
+            one_line_error(r, 416, "not satisfiable")
+            one_line_error(c.get(url, headers={"Range": "bytes=5-2"}), 400, "malformed")
             h = c.head(url)
             assert h.status_code == 200 and h.content == b"" and int(h.headers["content-length"]) == size
         for path in ("/health", "/v1/models", "/", f"/v1/clips/{clip['id']}", clip["stream"]):

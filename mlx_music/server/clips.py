@@ -13,6 +13,7 @@ answers byte ranges (206, 416) and HEAD. Evicting or deleting a clip removes its
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from collections import OrderedDict
@@ -132,6 +133,30 @@ class ClipFileResponse(FileResponse):
 
                 await JSONResponse({"error": f"clip {self.job.id}: deleted"}, status_code=404)(scope, receive, send)
                 return
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, _json_refusals(send, scope))
         finally:
             self.job.listeners -= 1
+
+
+def _json_refusals(send: Any, scope: Any) -> Any:
+    """``send`` with Starlette's plain-text range refusals (400 malformed, 416 unsatisfiable)
+    rewritten as this API's one line of JSON."""
+    refused: dict[str, Any] = {}
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] in (400, 416):
+            asked = dict(scope.get("headers", [])).get(b"range", b"").decode("latin-1")[:100]
+            what = "malformed" if message["status"] == 400 else "not satisfiable for this file"
+            body = json.dumps({"error": f"range {asked!r}: {what}"}).encode()
+            headers = [(k, v) for k, v in message["headers"] if k.lower() not in (b"content-type", b"content-length")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            refused["body"] = body
+            await send({**message, "headers": headers})
+        elif message["type"] == "http.response.body" and refused:
+            if "sent" not in refused:
+                refused["sent"] = True
+                await send({"type": "http.response.body", "body": refused["body"], "more_body": False})
+        else:
+            await send(message)
+
+    return wrapped
