@@ -75,7 +75,10 @@ def test_export_loads_in_peft_and_merges(tmp_path, tones, mlx_folder, hf_folder,
     from mlx_music.converters.convert import convert_checkpoint
 
     base = mlx_folder("mono")
-    out = train(opts(tones, base, tmp_path / "run", steps=3, lora_dropout=0.0))
+    out = train(opts(tones, base, tmp_path / "run", steps=3, lora_dropout=0.0, sample_prompt="calm piano",
+                     sample_seconds=0.5))
+    first, last = (sf.read(out / "samples" / f"step-{n:06d}.wav", always_2d=True) for n in (1, 3))
+    assert first[1] == 32000 and first[0].shape == (16000, 1) and not np.array_equal(first[0], last[0])
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2048, (2, 4, 10)).astype(np.int32)
     plain = load(base)

@@ -86,6 +86,17 @@ class LoRALinear(nn.Module):
         self.lora_a = [mx.random.uniform(-bound, bound, (settings.rank, cols), key=k) for k in keys]
         self.lora_b = [mx.zeros((rows[t], settings.rank)) for t in self._targets]
 
+    # The base's arrays, read through: the runtime inspects weight / scales dtypes (token_loop).
+    @property
+    def weight(self) -> mx.array:
+        return self.linear.weight
+
+    @property
+    def scales(self) -> mx.array:
+        if "scales" not in self.linear:
+            raise AttributeError("scales")
+        return self.linear.scales
+
     @property
     def targets(self) -> tuple[str, ...]:
         return self._targets

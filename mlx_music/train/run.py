@@ -8,6 +8,7 @@ Output folder (``--out``):
     metrics.jsonl  one line per step (loss, lr, audio seconds per second; val_loss at step 1, every
                    --val-every steps and at the end)
     loss.png       train and validation loss (needs matplotlib: the `train` extra)
+    samples/       step-N.wav of --sample-prompt (seed --seed) at each validation, when given
     cache/         EnCodec codes and T5 states of the data (see mlx_music.train.data)
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), the text dropout of
@@ -77,6 +78,8 @@ class TrainOptions:
     seed: int = 0
     resume: bool = False
     caption_from_filename: bool = False
+    sample_prompt: str | None = None  # a WAV of this prompt at each validation (samples/step-N.wav)
+    sample_seconds: float = 5.0
     progress: bool = True
     stop_after: int | None = field(default=None, repr=False)  # tests: end abruptly after this step's save
 
@@ -90,6 +93,8 @@ class TrainOptions:
             raise ValueError(f"--lr {self.lr!r}: expected a positive number")
         if not (0 <= self.warmup < self.steps):
             raise ValueError(f"--warmup {self.warmup!r}: expected 0 <= warmup < --steps")
+        if self.sample_prompt is not None and not (math.isfinite(self.sample_seconds) and self.sample_seconds > 0):
+            raise ValueError(f"--sample-seconds {self.sample_seconds!r}: expected a positive number of seconds")
         if not (0.0 <= self.text_dropout < 1.0):
             raise ValueError(f"--text-dropout {self.text_dropout!r}: expected a number in [0, 1)")
         # the one seed range: seed * 1000003 + step (mx.random.seed) then stays inside uint64
@@ -98,7 +103,8 @@ class TrainOptions:
     def identity(self) -> dict:
         """The settings a resumed run must share with the original (all but steps/progress/resume)."""
         d = asdict(self)
-        for k in ("out", "resume", "progress", "stop_after", "steps", "data", "model", "val_every", "save_every"):
+        for k in ("out", "resume", "progress", "stop_after", "steps", "data", "model", "val_every", "save_every",
+                  "sample_prompt", "sample_seconds"):
             d.pop(k)
         d["targets"] = list(self.targets)
         return d
@@ -304,9 +310,12 @@ def _train(opts: TrainOptions, out: Path) -> Path:
                        (data.train[order.piece(q)] for q in range(base, base + G))) / frame_rate
             row = {"step": step, "loss": round(loss, 6), "lr": lr,
                    "audio_s_per_s": round(secs / max(time.perf_counter() - t0, 1e-9), 3)}
-            if val_batches and (step == 1 or step % opts.val_every == 0 or step == opts.steps):
+            if step == 1 or step % opts.val_every == 0 or step == opts.steps:
                 model.eval()
-                row["val_loss"] = round(stepper.evaluate(val_batches), 6)
+                if val_batches:
+                    row["val_loss"] = round(stepper.evaluate(val_batches), 6)
+                if opts.sample_prompt and rank == 0:
+                    _sample(pipe, opts, out / "samples" / f"step-{step:06d}.wav")
             if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -339,6 +348,19 @@ def _metric_rows(path: Path) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
     return rows
+
+
+def _sample(pipe, opts: TrainOptions, path: Path) -> None:
+    """Generate `opts.sample_prompt` (seed `opts.seed`) with the model as it is now; write `path`."""
+    from mlx_music.runtime.audio_io import save_audio
+
+    pipe._loops = {}  # compiled decode steps hold the weights they were traced with
+    result = pipe.generate([opts.sample_prompt], duration=opts.sample_seconds, seed=opts.seed, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".partial-{os.getpid()}-{path.name}"
+    save_audio(tmp, result.audio[0], result.sample_rate)
+    os.replace(tmp, path)
+    pipe._loops = {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
