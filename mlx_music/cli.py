@@ -614,7 +614,11 @@ def batch(prompts, model_path, out_dir, batch_size, fmt, strict, revision, verif
     from mlx_music.runtime.batch_job import batch_status, run_batch
 
     if status_dir is not None:
-        st = batch_status(status_dir)  # BatchError (a ValueError): one line, exit 2
+        try:
+            st = batch_status(status_dir)
+        except ValueError as e:  # the API's out_dir is this command's --status: one line, exit 2
+            msg = str(e)
+            raise ValueError("--status" + msg[len("out_dir"):] if msg.startswith("out_dir ") else msg) from None
         click.echo(f"{st.rows} rows: {len(st.ok)} ok, {len(st.failed)} failed, {len(st.missing)} missing")
         for i in st.failed:
             click.echo(f"failed: {i}: {st.reasons[i]}")

@@ -420,7 +420,7 @@ def batch_status(out_dir: str | os.PathLike[str]) -> BatchStatus:
     no results.jsonl."""
     out = Path(out_dir)
     if not (out / MANIFEST).is_file():
-        raise BatchError(f"--status {out}: no {MANIFEST} (not a batch output folder)")
+        raise BatchError(f"out_dir {out}: no {MANIFEST} (not a batch output folder)")
     latest = _collect(out)
     st = BatchStatus()
     for entry in _read_jsonl(out / MANIFEST):
