@@ -73,10 +73,11 @@ def settings_name(dtype: str, quantize) -> str:
 
 def _folder_fingerprint(folder: Path) -> str:
     """The revision of a local folder: sha256 over every file's relative name, size and mtime
-    (a replaced or edited file gives another entry; nothing is read but the directory)."""
+    (a replaced or edited file gives another entry; nothing is read but the directory). Hidden
+    files and folders (.git, .cache, ...) are not part of the model and are left out."""
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
             st = p.stat()
             h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]

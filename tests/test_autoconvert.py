@@ -163,6 +163,9 @@ def test_local_folder_api_fingerprint_and_damage(hf_cache, tmp_path):
     first = resolve_model(src, log=logs.append, progress=False)
     assert first.parent == cache_dir() and first.name.startswith("local-my-finetune-") and len(logs) == 1
     assert resolve_model(src, log=logs.append, progress=False) == first and len(logs) == 1
+    (src / ".git").mkdir()  # version control or tool caches in the folder are not the model
+    (src / ".git" / "index").write_bytes(b"x" * 10)
+    assert resolve_model(src, log=logs.append, progress=False) == first and len(logs) == 1
     model = mlx_music.load(src, progress=False)
     assert model.audio_channels == 2 and model.path == first
 
