@@ -22,7 +22,6 @@ import soundfile as sf
 
 from mlx_music.runtime import load
 from mlx_music.server import ServerConfig, create_app
-from mlx_music.server.batcher import Job
 from mlx_music.server.clips import ClipStore
 from mlx_music.server.inputs import ApiError
 from server_helpers import UvicornThread, alone, convert_embedded, free_port, odd_rate_wav, pcm16, tone_wav

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
 from mlx_music.runtime.audio_io import AudioInputError, read_audio
 from mlx_music.runtime.generation import Request
@@ -271,4 +270,4 @@ async def queued_job(request: HttpRequest) -> Job:
             await upload.close()
 
 
-__all__ = ["ApiError", "ClientDisconnect", "GenerateParams", "queued_job", "read_body"]
+__all__ = ["ApiError", "GenerateParams", "queued_job", "read_body"]

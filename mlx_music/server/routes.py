@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from mlx_music.runtime.audio_io import audio_bytes, pcm_bytes, wav_header
 from mlx_music.server.batcher import Job
 from mlx_music.server.clips import FORMATS, ClipFileResponse
-from mlx_music.server.inputs import FILE_FIELDS, ApiError, GenerateParams, queued_job
+from mlx_music.server.inputs import ApiError, GenerateParams, queued_job
 
 STATIC = Path(__file__).parent / "static"
 
@@ -242,4 +242,4 @@ async def clip_delete(request: HttpRequest, clip_id: str) -> dict[str, Any]:
     return clip_info(job)
 
 
-__all__ = ["clips", "errors", "generation", "meta", "FILE_FIELDS"]
+__all__ = ["clips", "errors", "generation", "meta"]
