@@ -561,13 +561,14 @@ def publish(folder, repo, private, dry_run, revision, message, token):
 @click.option("--caption-from-filename", is_flag=True, help="Files without a caption use their file name.")
 @click.option("--sample-prompt", default=None, help="Write OUT/samples/step-N.wav of this prompt at each validation.")
 @click.option("--sample-seconds", type=float, default=5.0, show_default=True)
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def train(data, model_path, out, steps, batch_size, grad_accum, rank, alpha, lora_dropout, rslora, targets, lr, warmup,
           weight_decay, clip, segment, min_seconds, val_fraction, val_every, save_every, text_dropout,
-          caption_from_filename, sample_prompt, sample_seconds, resume, seed, quiet):
+          caption_from_filename, sample_prompt, sample_seconds, grad_checkpoint, resume, seed, quiet):
     """LoRA / QLoRA fine-tuning on an audiofolder (audio + metadata.jsonl/csv with captions)."""
     from mlx_music.train.run import TrainingStopped, TrainOptions, train as run_train
 
@@ -577,7 +578,8 @@ def train(data, model_path, out, steps, batch_size, grad_accum, rank, alpha, lor
                         weight_decay=weight_decay, clip=clip, segment=segment, min_seconds=min_seconds,
                         val_fraction=val_fraction, val_every=val_every, save_every=save_every,
                         text_dropout=text_dropout, caption_from_filename=caption_from_filename,
-                        sample_prompt=sample_prompt, sample_seconds=sample_seconds, resume=resume,
+                        sample_prompt=sample_prompt, sample_seconds=sample_seconds,
+                        grad_checkpoint=grad_checkpoint, resume=resume,
                         seed=seed, progress=not quiet)
     try:
         folder = run_train(opts)

@@ -156,3 +156,26 @@ def test_lora_gradients_and_adamw_steps_equal_peft(hf_models, mlx_folder):
             ref = ref.detach().numpy()
             worst = max(worst, float(np.abs(np.array(x) - ref).max() / np.abs(ref).max()))
     assert worst <= 1e-4, worst
+
+
+def test_grad_checkpoint_gives_the_same_gradients(mlx_folder):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_music.train.lora import grad_checkpoint
+    from mlx_music.train.step import _loss
+
+    out = []
+    for checkpointed in (False, True):
+        pipe = load(mlx_folder("mono"))
+        wrapped = apply_lora(pipe.model, TARGETS, LoraSettings(rank=4, alpha=8.0), seed=1)
+        rng = np.random.default_rng(0)
+        set_lora_factors(wrapped, {m: (a, mx.array(rng.normal(0, 0.1, b.shape).astype(np.float32)))
+                                   for m, (a, b) in lora_factors(wrapped).items()})
+        if checkpointed:
+            grad_checkpoint(pipe.model)
+        loss, g = nn.value_and_grad(pipe.model, _loss)(pipe.model, mlx_batch(pipe, make_batch(pipe)))
+        out.append((float(loss), dict(tree_flatten(g))))
+    assert out[0][0] == out[1][0]
+    assert all(float(mx.abs(v).max()) > 0 for v in out[0][1].values())
+    assert max(float(mx.abs(out[0][1][k] - out[1][1][k]).max()) for k in out[0][1]) <= 1e-6

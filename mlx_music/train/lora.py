@@ -211,6 +211,28 @@ def apply_lora(model: MusicGen, targets: list[str] | tuple[str, ...], settings: 
     return wrapped
 
 
+def grad_checkpoint(model: MusicGen) -> None:
+    """Recompute each decoder layer's activations in the backward pass (``mx.checkpoint``): less
+    activation memory for more compute. Done per instance (mlx-lm patches the layer class), so
+    other models in the process are untouched; the cached decode path is not affected."""
+    for layer in model.decoder.layers:
+        base = type(layer)
+        if getattr(base, "_checkpointed", False):
+            continue
+
+        def call(self, x, self_mask, cache, cross, pending=None, _base=base):
+            if cache is not None:
+                return _base.__call__(self, x, self_mask, cache, cross, pending)
+
+            def inner(params, x, cross, pending):
+                self.update(params)
+                return _base.__call__(self, x, self_mask, None, cross, pending)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x, cross, pending)
+
+        layer.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": call, "_checkpointed": True})
+
+
 def lora_factors(wrapped: dict[str, LoRALinear]) -> dict[str, tuple[mx.array, mx.array]]:
     """checkpoint module name -> (a, b) over all wrapped layers."""
     out: dict[str, tuple[mx.array, mx.array]] = {}
@@ -238,5 +260,5 @@ def set_lora_factors(wrapped: dict[str, LoRALinear], factors: dict[str, tuple[mx
         raise ValueError(f"adapter: module {extra[0]}: not trained here")
 
 
-__all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoraSettings", "SELECTABLE", "apply_lora", "lora_factors",
+__all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoraSettings", "SELECTABLE", "apply_lora", "grad_checkpoint", "lora_factors",
            "resolve_targets", "set_lora_factors"]

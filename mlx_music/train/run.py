@@ -36,7 +36,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_music.runtime.sampling import check_seed
 from mlx_music.train.data import DataError, DataSettings, collate, prepare, read_folder
 from mlx_music.train.export import save_adapters
-from mlx_music.train.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_factors, set_lora_factors
+from mlx_music.train.lora import (DEFAULT_TARGETS, LoraSettings, apply_lora, grad_checkpoint, lora_factors,
+                                  set_lora_factors)
 from mlx_music.train.step import OptimSettings, Stepper, make_optimizer
 
 CHECKPOINT = "checkpoint"
@@ -80,6 +81,7 @@ class TrainOptions:
     caption_from_filename: bool = False
     sample_prompt: str | None = None  # a WAV of this prompt at each validation (samples/step-N.wav)
     sample_seconds: float = 5.0
+    grad_checkpoint: bool = False  # mx.checkpoint per decoder layer: less activation memory, more compute
     progress: bool = True
     stop_after: int | None = field(default=None, repr=False)  # tests: end abruptly after this step's save
 
@@ -104,7 +106,7 @@ class TrainOptions:
         """The settings a resumed run must share with the original (all but steps/progress/resume)."""
         d = asdict(self)
         for k in ("out", "resume", "progress", "stop_after", "steps", "data", "model", "val_every", "save_every",
-                  "sample_prompt", "sample_seconds"):
+                  "sample_prompt", "sample_seconds", "grad_checkpoint"):
             d.pop(k)
         d["targets"] = list(self.targets)
         return d
@@ -221,6 +223,8 @@ def _train(opts: TrainOptions, out: Path) -> Path:
     model = pipe.model
     lora = LoraSettings(opts.rank, opts.alpha, opts.lora_dropout, opts.rslora)
     wrapped = apply_lora(model, list(opts.targets), lora, seed=opts.seed)
+    if opts.grad_checkpoint:
+        grad_checkpoint(model)
     base_id = model_fingerprint(folder)
 
     state = None
