@@ -115,3 +115,25 @@ def test_page_plays_while_generating_and_keeps_the_clip(tmp_path, browser_path):
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_page_asks_for_the_api_key_and_keeps_it_in_a_cookie(tmp_path, browser_path):
+    pipe = load(convert_embedded(tmp_path / "tiny"))
+    app = create_app({"tiny-stereo": pipe}, ServerConfig(temp_root=str(tmp_path), api_key="page-key"))
+    with UvicornThread(app) as srv, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            asked = []
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept("page-key")))
+            page.goto(srv.url + "/")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+            assert asked == ["This server needs its API key:"]
+            assert page.evaluate("document.cookie") == "mlx_music_key=page-key"
+            page.fill("#prompt", "with a key")
+            page.fill("#duration", "0.5")
+            page.click("#generate")
+            page.wait_for_selector("#clips li", timeout=120_000)  # stream and file went through the cookie
+            assert page.text_content("#status").startswith("Done")
+        finally:
+            browser.close()
