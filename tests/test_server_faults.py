@@ -454,6 +454,26 @@ def test_sigint_and_sigterm_stop_in_order_and_exit_0(tiny_folder):
 
 
 # ------------------------------------------------------------------------------- 8. exposure
+def test_serve_sets_the_stated_uvicorn_limits_and_warns_off_loopback(tiny_folder, monkeypatch, capsys):
+    import uvicorn
+
+    from mlx_music.server import serve
+
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(vars(self.config)))
+    ours = logging.getLogger("mlx_music.server")  # serve() routes it through uvicorn's handlers
+    for attr in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(ours, attr, getattr(ours, attr))
+    serve({"tiny": str(tiny_folder)}, host="0.0.0.0", port=free_port())
+    assert (seen["host"], seen["timeout_keep_alive"], seen["limit_concurrency"], seen["timeout_graceful_shutdown"],
+            seen["h11_max_incomplete_event_size"]) == ("0.0.0.0", 5, 256, 10, 64 * 1024)
+    err = capsys.readouterr().err
+    assert err.count("warning: listening on 0.0.0.0") == 1 and "--api-key" in err
+    monkeypatch.setenv("MLX_MUSIC_API_KEY", "from-env")
+    serve({"tiny": str(tiny_folder)}, host="0.0.0.0", port=free_port())
+    assert seen["app"].state.config.api_key == "from-env" and "--api-key" not in capsys.readouterr().err
+
+
 def test_serve_refuses_an_upload_limit_that_would_spool_outside_its_folder():
     r = subprocess.run([sys.executable, "-m", "mlx_music.cli", "serve", "--model", "x", "--max-upload-mb", "100"],
                        capture_output=True, text=True, timeout=120)
