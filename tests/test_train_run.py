@@ -208,3 +208,28 @@ def test_full_disk_while_saving_keeps_the_last_adapter(tmp_path, tones, mlx_fold
     assert json.loads((out / "adapter_config.json").read_text())["training"]["step"] == 2
     assert load(mlx_folder("mono"), adapter=out) is not None  # a complete, loadable adapter
     assert not [p.name for p in out.rglob("*partial*")]
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_adapter(tmp_path, tones, mlx_folder, monkeypatch):
+    from mlx_music.train import step as step_mod
+
+    real, calls = step_mod.Stepper.gradients, []
+
+    def gradients(self, micro):
+        loss, grads = real(self, micro)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), grads
+
+    monkeypatch.setattr(step_mod.Stepper, "gradients", gradients)
+    out = tmp_path / "run"
+    res = run_cli(tones, "--model", mlx_folder("mono"), "--out", out, "--steps", "6", "--batch-size", "2", "--rank", "2",
+                  "--segment", "1", "--min-seconds", "0.5", "--save-every", "5", "--lr", "1e-2")
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: step 3: the loss is nan"), res.output
+    assert json.loads((out / "adapter_config.json").read_text())["training"]["step"] == 2
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    saved = factors(out)
+    assert any(float(mx.abs(v).max()) > 0 for k, v in saved.items() if k.endswith("lora_b"))  # step 2's factors
+    assert all(bool(mx.isfinite(v).all()) for v in saved.values())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
