@@ -233,3 +233,31 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_adapter(tmp_path, 
     assert any(float(mx.abs(v).max()) > 0 for k, v in saved.items() if k.endswith("lora_b"))  # step 2's factors
     assert all(bool(mx.isfinite(v).all()) for v in saved.values())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_melody_export_loads_in_peft(tmp_path, tones, mlx_folder, hf_models):
+    from peft import PeftModel
+
+    base = mlx_folder("melody")
+    out = train(opts(tones, base, tmp_path / "run", steps=2, lora_dropout=0.0, val_fraction=0.0,
+                     targets=("q_proj", "v_proj", "fc1", "audio_enc_to_dec_proj", "lm_heads.1")))
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["auto_mapping"]["base_model_class"] == \
+        "MusicgenMelodyForConditionalGeneration"
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2048, (2, 4, 10)).astype(np.int32)
+    chroma = rng.random((2, 7, 12)).astype(np.float32)
+    pipe = load(base, adapter=out)
+    ids, mask = pipe.tokenizer(["80s pop", "calm piano"])
+    states, m = pipe.model.encode_text(mx.array(ids), mx.array(mask))
+    ours = np.array(pipe.model(mx.array(codes), states, m, chroma=mx.array(chroma)))
+    plain = load(base)
+    without = np.array(plain.model(mx.array(codes), *plain.model.encode_text(mx.array(ids), mx.array(mask)),
+                                   chroma=mx.array(chroma)))
+    assert np.abs(ours - without).max() > 1e-3
+    pm = PeftModel.from_pretrained(copy.deepcopy(hf_models("melody")), str(out / "peft")).eval()
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
+                 input_features=torch.tensor(chroma),
+                 decoder_input_ids=torch.tensor(codes.reshape(-1, 10)).long()).logits.numpy()
+    ref = ref[:, -10:].reshape(2, 4, 10, -1)  # the logits of the prefix positions come first
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
