@@ -1,8 +1,10 @@
 """Soak: `mlx-music serve` (its own process, two models) under 16 clients, each running a fixed
-script of mixed work (about 20 s on two idle cores): whole files, streams, clips (streamed, downloaded by byte ranges, evicted), melody uploads,
-bad uploads, cancellations and dropped streams. Then: every good result is bit-identical to the
-same request sent alone, no answer was a 5xx, the server's RSS grew by less than `RSS_BOUND`, the
-upload folder is empty, and SIGTERM stops it with exit status 0 and no folder left behind."""
+script of mixed work (about 20 s on two idle cores): whole files, streams, clips (streamed,
+downloaded by byte ranges, evicted), melody uploads, bad uploads, cancellations and dropped
+streams; with an API key from $MLX_MUSIC_API_KEY and one allowed origin. Then: every good result
+is bit-identical to the same request sent alone, no answer was a 5xx, the server's RSS grew by
+less than `RSS_BOUND`, the upload folder is empty, and SIGTERM stops it with exit status 0 and no
+folder left behind."""
 
 from __future__ import annotations
 
