@@ -174,7 +174,8 @@ class Batcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()  # set once the worker has left its loop (no more MLX work)
-        self.history: list[dict[str, Any]] = []  # every batch run: rows, complete, seconds (tests, benchmarks)
+        # The last batches run: rows, complete, seconds (tests, benchmarks); bounded, as a server runs for long.
+        self.history: deque[dict[str, Any]] = deque(maxlen=1024)
         self._recent: deque[float] = deque(maxlen=16)  # seconds per batch, for Retry-After
         self.running: list[Job] = []  # the batch being decoded
 
