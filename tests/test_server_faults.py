@@ -64,7 +64,7 @@ def test_a_bad_row_fails_alone_and_the_others_equal_solo(tiny, mlx_folder, tmp_p
     audio, fail only the row at fault (500 naming its own error)."""
     melody = load(mlx_folder("melody"))
     app = make({"melody": melody, "tiny": tiny}, tmp_path, max_batch=4, batch_wait_ms=1000)
-    good = [("rock", 2), ("rock", 3), ("rock", 4)]  # equal token lengths: see issue 21 item 3
+    good = [("rock", 2), ("a much longer prompt with many words zzz", 3), ("folk", 4)]
     tone = tone_wav(0.5)
 
     async def post(c, prompt, seed, wav, model="melody"):

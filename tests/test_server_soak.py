@@ -37,7 +37,8 @@ TEXT_SPECS = [{"prompt": p, "duration": d, "seed": s, "top_k": k}
               for p, d, s, k in (("drums", 0.4, 1, 50), ("synth bass", 0.6, 2, 250), ("calm piano", 0.2, 3, 50),
                                  ("lofi", 0.8, 4, 100), ("a much longer prompt with many words", 0.4, 5, 50),
                                  ("rock", 0.6, 6, 250))]
-MELODY_SPECS = [{"prompt": "hum", "duration": 0.4, "seed": s, "model": "melody"} for s in (7, 8, 9)]
+MELODY_SPECS = [{"prompt": p, "duration": 0.4, "seed": s, "model": "melody"}
+                for p, s in (("hum", 7), ("a much longer prompt with many words zzz", 8), ("rock", 9))]
 TONE = tone_wav(0.5)
 BAD_UPLOADS = [(odd_rate_wav(1), 400, "sample rate"), (odd_rate_wav(3001), 400, "sample rate"),
                (odd_rate_wav(8001), None, None),
