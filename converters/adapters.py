@@ -38,6 +38,7 @@ from .shard_reader import _SafetensorsFile
 from mlx_music.runtime import adapters as rt
 from mlx_music.runtime.checksums import sha256_file
 from mlx_music.runtime.hub import ModelNotFoundError, resolve_source
+from mlx_music.runtime.records import loads_json
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -133,7 +134,7 @@ def _read_config(folder: Path) -> dict:
     if not path.is_file():
         raise SourceError(f"{path}: missing (not a PEFT adapter folder)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = loads_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):

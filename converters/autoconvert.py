@@ -20,7 +20,6 @@ its conversion record) and a reused one at the "sizes" level, like any checkpoin
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from .errors import OutputError
 from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
 from mlx_music.runtime.dtypes import DTYPE_NAMES
 from mlx_music.runtime.hub import NotConvertedError, hub_cache_dir, resolve_model_path
+from mlx_music.runtime.records import loads_json
 
 __all__ = ["CACHE_ENV", "CacheEntry", "cache_dir", "list_cache", "load", "remove_cache", "resolve_model"]
 
@@ -105,7 +105,7 @@ def _stderr(msg: str) -> None:
 
 
 def _mlx_settings(folder: Path) -> tuple[str, dict | None]:
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = loads_json((folder / "config.json").read_text())
     return cfg.get("dtype", "float32"), cfg.get("quantization")
 
 
@@ -214,7 +214,7 @@ def _entry(path: Path) -> CacheEntry | None:
     if len(parts) != 3 or not (path / RECORD).is_file():
         return None
     try:
-        record = json.loads((path / RECORD).read_text())
+        record = loads_json((path / RECORD).read_text())
         src = record.get("source", {})
     except (OSError, ValueError, AttributeError):
         record, src = {}, {}

@@ -17,7 +17,6 @@ reported in its row and the others still run; Ctrl-C stops the whole run.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .errors import ConvertError
 from .manifest import load_manifest, variant_names
 from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
 from mlx_music.runtime.dtypes import FLOAT_DTYPES
+from mlx_music.runtime.records import loads_json
 
 STATUSES = ("converted", "skipped", "failed")
 _DEFAULT_GROUP_SIZE = 64
@@ -75,7 +75,7 @@ def verify_output(folder: Path, *, dtype: str, quantize: QuantizeOptions | None,
     if not record_path.is_file():
         return f"no {RECORD} (not a finished mlx-music conversion)"
     try:
-        record = json.loads(record_path.read_text())
+        record = loads_json(record_path.read_text())
     except (OSError, ValueError) as e:
         return f"conversion record unreadable ({type(e).__name__}: {e})"
     if not isinstance(record, dict):

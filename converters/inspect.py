@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConvertError, SourceError
+from mlx_music.runtime.records import loads_json
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -23,7 +24,7 @@ def inspect_folder(path: str | Path) -> dict:
     cfg_path = folder / "config.json"
     if cfg_path.exists():
         try:
-            cfg = json.loads(cfg_path.read_text())
+            cfg = loads_json(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise SourceError(f"{cfg_path}: not valid JSON ({e})") from None
         if cfg.get("format") == "mlx-music":
@@ -34,7 +35,7 @@ def inspect_folder(path: str | Path) -> dict:
 def _inspect_mlx(folder: Path, cfg: dict) -> dict:
     from .mlx_config import expected_shapes
 
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index = loads_json((folder / "model.safetensors.index.json").read_text())
     tensors: dict[str, dict] = {}
     for shard in sorted(set(index["weight_map"].values())):
         tensors.update(read_safetensors_header(folder / shard))

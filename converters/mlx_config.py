@@ -15,6 +15,7 @@ from mlx_music.runtime.magnet_generation import generation_config as magnet_gene
 from mlx_music.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
 
 from .errors import ManifestError
+from mlx_music.runtime.records import loads_json
 
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody", "magnet")
 
@@ -27,7 +28,7 @@ def generation_config() -> dict[str, Any]:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text())
     except FileNotFoundError:
         raise ManifestError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

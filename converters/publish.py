@@ -18,6 +18,7 @@ from typing import Callable
 from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpoint
 
 from .model_card import REPO_PLACEHOLDER
+from mlx_music.runtime.records import loads_json
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -82,7 +83,7 @@ def _card_fill(folder: Path, repo_id: str) -> dict[str, bytes]:
     if REPO_PLACEHOLDER not in text:
         return {}
     new = text.replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")
-    record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    record = loads_json((folder / RECORD).read_text(encoding="utf-8"))
     record["files"]["README.md"] = {"sha256": hashlib.sha256(new).hexdigest(), "size": len(new)}
     return {"README.md": new, RECORD: (json.dumps(record, indent=2) + "\n").encode("utf-8")}
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import SourceError, name_some
 from mlx_music._meta import pip_hint
+from mlx_music.runtime.records import loads_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -84,7 +85,7 @@ class _SafetensorsFile:
             if n > size - 8:
                 raise bad(f"header length {n} exceeds the file size {size}")
             try:
-                header = json.loads(f.read(n))
+                header = loads_json(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise bad(f"header is not valid JSON: {e}") from None
         if not isinstance(header, dict):
@@ -288,7 +289,7 @@ class CheckpointReader:
 
     def _read_index(self, path: Path) -> dict[str, str]:
         try:
-            data = json.loads(path.read_text())
+            data = loads_json(path.read_text())
             wm = data["weight_map"]
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise TypeError("weight_map must map keys to file names")

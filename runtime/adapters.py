@@ -23,7 +23,6 @@ conversion instead (``convert --adapter ... -q``), which quantizes the merged we
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_music.models.musicgen import MusicGen, checkpoint_shapes
 from mlx_music.runtime.checkpoint import RECORD
+from mlx_music.runtime.records import loads_json
 
 ADAPTER_FORMAT = "mlx-music-adapter"
 FORMAT_VERSION = 1
@@ -123,7 +123,7 @@ def load_adapter(path_or_repo: str | os.PathLike, revision: str | None = None) -
     if not cfg_path.is_file():
         raise _bad(folder, f"{CONFIG} missing (not an adapter folder)")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        config = loads_json(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise _bad(folder, f"{CONFIG} is not valid JSON ({' '.join(str(e).split())})") from None
     adapter = adapter_from_config(config, folder)
@@ -132,7 +132,7 @@ def load_adapter(path_or_repo: str | os.PathLike, revision: str | None = None) -
     rec_path = folder / RECORD
     if rec_path.is_file():
         try:
-            size = json.loads(rec_path.read_text(encoding="utf-8"))["files"][WEIGHTS]["size"]
+            size = loads_json(rec_path.read_text(encoding="utf-8"))["files"][WEIGHTS]["size"]
         except (OSError, ValueError, KeyError, TypeError):
             raise _bad(folder, f"{RECORD} is unreadable or does not list {WEIGHTS}") from None
         if w_path.stat().st_size != size:

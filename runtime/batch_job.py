@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 from mlx_music.runtime.checkpoint import RECORD
 from mlx_music.runtime.checksums import sha256_file
-from mlx_music.runtime.records import csv_records, jsonl_lines
+from mlx_music.runtime.records import csv_records, jsonl_lines, loads_json
 from mlx_music.runtime.sampling import check_seed
 
 SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
@@ -226,7 +226,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRow]:
             n = len(rows) + 1
             row = PromptRow(n, i, f"{n:05d}")
             try:
-                data = json.loads(line)
+                data = loads_json(line)
             except ValueError as e:
                 row.error = f"not valid JSON ({_one_line(e)})"
             else:
@@ -307,7 +307,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         return out
     for line in text.split("\n"):  # we write ASCII JSON, one entry per \n
         try:
-            entry = json.loads(line)
+            entry = loads_json(line)
         except ValueError:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):

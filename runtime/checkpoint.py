@@ -24,11 +24,11 @@ and a missing conversion.json (levels "sha256", "exact") raises RecordMissingErr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_music.runtime.checksums import sha256_file
+from mlx_music.runtime.records import loads_json
 
 LEVELS = ("files", "sizes", "sha256", "exact")
 RECORD = "conversion.json"
@@ -68,7 +68,7 @@ def _config_problems(folder: Path) -> tuple[list[str], dict | None]:
     if not cfg_path.is_file():
         return ["config.json missing"], None
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = loads_json(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return [f"config.json unreadable ({e})"], None
     if not isinstance(cfg, dict) or cfg.get("format") != "mlx-music":
@@ -91,7 +91,7 @@ def _files(folder: Path) -> tuple[list[str], dict | None, list[str]]:
     index_path = folder / INDEX
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = loads_json(index_path.read_text(encoding="utf-8"))
             shards = sorted(set(index["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             problems.append(f"{INDEX} unreadable ({e})")
@@ -128,7 +128,7 @@ def _read_record(folder: Path, required: bool) -> dict | None:
                                      "`mlx-music convert` writes")
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = loads_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     files = record.get("files") if isinstance(record, dict) else None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Iterator
+import json
+from typing import Any, Iterator
 
 _JSON_WHITESPACE = " \t\r"
 
@@ -28,3 +29,14 @@ def csv_records(text: str, **kwargs) -> csv.DictReader:
     """A `csv.DictReader` over the whole text (no newline translation: quoted fields keep their
     line breaks, and only unquoted line ends end a record); ``kwargs`` go to DictReader."""
     return csv.DictReader(io.StringIO(text, newline=""), **kwargs)
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` for text from a file or a user: every malformed input is a
+    `json.JSONDecodeError` (a ValueError), including nesting deeper than the parser's stack
+    (``"[" * 30000``), which `json` reports as a RecursionError that would escape the callers'
+    ``except ValueError`` as a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None

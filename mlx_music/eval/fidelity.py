@@ -32,6 +32,7 @@ from mlx.utils import tree_unflatten
 from mlx_music._meta import pip_hint
 from mlx_music.models.musicgen_decoder import float_weight
 from mlx_music.runtime.delay_pattern import apply_pattern, build_pattern
+from mlx_music.runtime.records import loads_json
 
 # Fixed prompts: a spread of genres, and every word is in the tiny test tokenizer's vocabulary
 # too, so the numbers measured on fixtures and on real checkpoints use the same text.
@@ -137,7 +138,7 @@ def _is_hf_folder(path: Path) -> bool:
     if not (path.is_dir() and cfg.is_file()):
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") != "mlx-music"
+        return loads_json(cfg.read_text()).get("format") != "mlx-music"
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -40,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mlx_music.converters.errors import ConvertError
+from mlx_music.runtime.records import loads_json
 
 __all__ = [
     "ModelMismatchError",
@@ -655,7 +656,7 @@ def _run_parity(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, prom
     hf_ref = _check_hf_path(hf_path)
     folder = _mlx_folder(mlx_path)
     try:
-        mlx_cfg = json.loads((folder / "config.json").read_text())
+        mlx_cfg = loads_json((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ParityError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     if mlx_cfg.get("format") != "mlx-music":
@@ -840,7 +841,7 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
     except Exception as e:  # noqa: BLE001 - peft's own refusal, as one line
         raise ParityError(f"adapter {adapter}: peft cannot apply it ({_one_line(e)})") from None
     try:
-        record = json.loads((folder / "conversion.json").read_text())
+        record = loads_json((folder / "conversion.json").read_text())
     except (OSError, ValueError):
         record = {}
     if isinstance(record, dict) and record.get("adapter"):
