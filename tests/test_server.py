@@ -90,8 +90,17 @@ def test_health_models_page_and_docs_in_process(tiny, make_app, tmp_path):
             assert r.status_code == 200 and r.headers["content-type"] == "audio/wav" and r.headers["x-seed"] == "11"
             a, sr = pcm16(r.content)
             assert sr == SR and a.shape == (samples(0.5), 2)
+            # The file records its seed and settings (the same tag `mlx-music generate` writes).
+            tag = json.loads(sf.SoundFile(io.BytesIO(r.content)).comment)
+            assert (tag["seed"], tag["prompt"], tag["duration"]) == (11, "calm piano", 0.5)
             r = await c.post("/v1/generate", json={"prompt": "calm piano", "duration": 0.5})
-            assert r.status_code == 200 and 0 <= int(r.headers["x-seed"]) < 2**31
+            assert r.status_code == 200 and 0 <= int(r.headers["x-seed"]) <= 2**32 - 1
+            # One seed range everywhere (runtime.sampling.SEED_MAX): its top is accepted, one past is a 422.
+            top = await c.post("/v1/generate", json={"prompt": "calm piano", "duration": 0.5, "seed": 2**32 - 1})
+            assert top.status_code == 200 and top.headers["x-seed"] == str(2**32 - 1)
+            for bad in (2**32, -1):
+                r = await c.post("/v1/generate", json={"prompt": "calm piano", "duration": 0.5, "seed": bad})
+                assert r.status_code == 422 and "seed" in r.text, (bad, r.text)
         assert upload_dirs(tmp_path) == []  # the upload folder goes with the server
 
     asyncio.run(run())

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from starlette.responses import FileResponse
 
-from mlx_music.runtime.audio_io import audio_bytes
+from mlx_music.runtime.audio_io import audio_bytes, generation_tags
 from mlx_music.server.batcher import Job
 from mlx_music.server.inputs import ApiError
 
@@ -106,7 +106,8 @@ class ClipStore:
         lock = self._writing.setdefault((job.id, fmt), asyncio.Lock())
         async with lock:
             if not path.exists():
-                data = await asyncio.to_thread(audio_bytes, job.audio(), job.sample_rate, fmt)
+                data = await asyncio.to_thread(audio_bytes, job.audio(), job.sample_rate, fmt,
+                                              generation_tags(job.settings))
                 fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{job.id}.", suffix=".part")
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import re
 import shutil
 import tempfile
@@ -27,11 +26,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mlx_music.runtime.audio_io import AudioInputError, read_audio
 from mlx_music.runtime.generation import Request
-from mlx_music.runtime.sampling import SamplingConfig
+from mlx_music.runtime.sampling import SEED_MAX, SamplingConfig, random_seed
 from mlx_music.server.batcher import Job, QueueFull
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-MAX_SEED = 2**31 - 1
 FILE_FIELDS = ("melody", "audio_prompt")
 # Seconds decoded past `MusicGenPipeline.input_seconds`: at least the runtime's own margin (the
 # melody resampler reads up to 3 s past its last output), so the runtime, which crops the rest,
@@ -63,7 +61,7 @@ class GenerateParams(BaseModel):
                             "total, prompt included). Must be > 0 and <= the server's max_duration "
                             "(GET /v1/models); longer is refused, not clipped.")
     model: str | None = Field(None, description="Model id from GET /v1/models (default: the first).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed and settings, same samples. "
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Same seed and settings, same samples. "
                              "Default: random (returned in the X-Seed header and the clip's settings).")
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="Classifier-free guidance "
                                    "scale, >= 0 (default from the checkpoint, 3.0).")
@@ -246,7 +244,7 @@ async def queued_job(request: HttpRequest) -> Job:
                 if prompt_frames >= frames:
                     raise ApiError(422, f"duration {d:g}: the audio prompt is already {wav.shape[-1] / sr:.2f} s; "
                                         "ask for a longer total duration (the output includes the prompt)")
-            seed = params.seed if params.seed is not None else random.randint(0, MAX_SEED)
+            seed = params.seed if params.seed is not None else random_seed()
             req = Request(params.prompt, d, seed=seed, guidance_scale=params.guidance, temperature=params.temperature,
                           top_k=params.top_k, top_p=params.top_p, greedy=params.greedy,
                           melody=audio.get("melody"), audio_prompt=audio.get("audio_prompt"))

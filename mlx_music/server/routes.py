@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request as HttpRequest
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from mlx_music.runtime.audio_io import audio_bytes, pcm_bytes, wav_header
+from mlx_music.runtime.audio_io import audio_bytes, generation_tags, pcm_bytes, wav_header
 from mlx_music.server.batcher import Job
 from mlx_music.server.clips import FORMATS, ClipFileResponse
 from mlx_music.server.inputs import ApiError, GenerateParams, queued_job
@@ -157,7 +157,8 @@ async def generate(request: HttpRequest, job: Job = Depends(queued_job)) -> Resp
     await wait_for(job, request, first_audio=False)
     if job.state != "done":
         raise ApiError(job.error_status if job.state == "error" else 499, job.error or "cancelled")
-    body = await run_in_threadpool(audio_bytes, job.audio(), job.sample_rate, job.format)
+    body = await run_in_threadpool(audio_bytes, job.audio(), job.sample_rate, job.format,
+                                   generation_tags(job.settings))
     return Response(body, media_type=f"audio/{job.format}", headers=job_headers(job))
 
 
