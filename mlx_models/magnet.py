@@ -58,13 +58,13 @@ class MagnetModel(MusicGen):
         if not self.decoder_args.cross_attention:
             raise ValueError("config mismatch: MAGNeT models condition on text by cross-attention")
         self.magnet = MagnetArgs.from_dict(config["magnet"])
-        self._masks: dict[tuple[int, int], mx.array | None] = {}
 
-    def stage_mask(self, stage: int, seq_len: int) -> mx.array | None:
-        key = (stage, seq_len)
-        if key not in self._masks:
-            self._masks[key] = stage_attention_mask(stage, seq_len, self.magnet.subcodes_context)
-        return self._masks[key]
+    def stage_mask(self, stage: int) -> int | None:
+        """The decoder's ``attention_mask`` for ``stage``: None (everywhere) or the band width
+        ``subcodes_context``, which the decoder computes as banded attention (11 scores per query
+        instead of T): the same attention as `stage_attention_mask`."""
+        restricted = stage > 0 and self.magnet.subcodes_context >= 0
+        return self.magnet.subcodes_context if restricted else None
 
     def stage_logits(self, codes: mx.array, stage: int, text_states: mx.array, text_mask: mx.array | None,
                      all_heads: bool = False) -> mx.array:
@@ -72,7 +72,7 @@ class MagnetModel(MusicGen):
         (B, S, h) / mask (B, S) → (B, 1, T, vocab) of codebook ``stage`` (all_heads: (B, K, T, vocab),
         what audiocraft's ``LMModel.forward(..., stage=stage)`` returns)."""
         return self.decoder(codes, encoder_states=text_states, encoder_mask=text_mask,
-                            attention_mask=self.stage_mask(stage, codes.shape[-1]),
+                            attention_mask=self.stage_mask(stage),
                             codebook=None if all_heads else stage)
 
     def __call__(self, codes: mx.array, text_states: mx.array | None = None,

@@ -334,6 +334,27 @@ def split_rows(fused: nn.Module, n: int) -> list[nn.Module]:
     return out
 
 
+def banded_attention(q: mx.array, k: mx.array, v: mx.array, width: int, scale: float) -> mx.array:
+    """Attention where query i sees keys j with |i - j| <= width: (B, H, T, D) each -> (B, H, T, D).
+
+    The same as scaled_dot_product_attention with that band as a mask, but it computes only the
+    2 * width + 1 scores of each query (MAGNeT's restricted context: 11 of T), not T x T."""
+    B, H, T, D = k.shape
+    n = 2 * width + 1
+
+    def windows(x: mx.array) -> mx.array:  # (B, H, T, n, D): row t holds positions t - width .. t + width
+        x = mx.contiguous(mx.pad(x, [(0, 0), (0, 0), (width, width), (0, 0)]))
+        L = T + 2 * width
+        return mx.as_strided(x, (B, H, T, n, D), (H * L * D, L * D, D, D, 1))
+
+    scores = (q[:, :, :, None, :] * windows(k)).sum(axis=-1) * scale  # (B, H, T, n)
+    pos = mx.arange(T)[:, None] + mx.arange(n)[None, :] - width
+    scores = mx.where((pos >= 0) & (pos < T), scores, -mx.inf)
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    out = (weights[..., None] * windows(v)).sum(axis=-2)  # (B, H, T, D)
+    return _merge_heads(out)
+
+
 # ------------------------------------------------------------------------------ modules
 class Attention(nn.Module):
     """Multi-head attention without biases.
@@ -366,9 +387,12 @@ class Attention(nn.Module):
             setattr(self, p, m)
         delattr(self, name)
 
-    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None) -> mx.array:
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return _linear(self.out_proj, _merge_heads(out))
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | int | None) -> mx.array:
+        if isinstance(mask, int):  # a band |i - j| <= mask: only the band is computed
+            out = banded_attention(q, keys, values, mask, self.scale)
+        else:
+            out = _merge_heads(mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask))
+        return _linear(self.out_proj, out)
 
     def attend_decode(self, q: mx.array, kv: mx.array, visible: mx.array, by_limit: bool) -> mx.array:
         """One query position per row over a stacked (2, B, heads, L, head_dim) K/V buffer."""
@@ -602,7 +626,8 @@ class MusicgenDecoder(nn.Module):
         Without a cache this is a plain causal forward over `[prefix, codes]` from position 0;
         cross-attention then uses `encoder_states` (B, S, h) / `encoder_mask` (B, S) directly.
         `attention_mask` replaces the causal self-attention mask there: None attends everywhere,
-        a (T, T) bool array (True = visible) restricts it (MAGNeT's stage masks). `codebook` k
+        a (T, T) bool array (True = visible) restricts it, an int w restricts it to |i - j| <= w
+        and computes only that band (MAGNeT's stage masks, `banded_attention`). `codebook` k
         returns only that head's logits (B, 1, T, vocab).
 
         With a cache, the inputs occupy positions offset .. offset+P+T-1 (P = prefix length, 0

@@ -115,12 +115,30 @@ def test_stage_masks_equal_audiocraft(pipes, kind):
     for s in range(1, 4):
         r = ref[f"mask_stage{s}"]
         assert r.shape[-1] == 56  # 50 aligned to 8
-        ours = np.where(np.array(model.stage_mask(s, seg)), 0.0, -np.inf).astype(np.float32)
+        ours = np.where(np.array(stage_attention_mask(s, seg, model.magnet.subcodes_context)), 0.0, -np.inf)
         for h in range(r.shape[1]):
             np.testing.assert_array_equal(r[0, h, :seg, :seg], ours)
         assert (r[..., seg:, :] == 0).all() and (r[..., :, seg:] == 0).all()
         band = np.isfinite(ours).sum(axis=1)
         assert band.max() == 2 * model.magnet.subcodes_context + 1 and band.min() < band.max()
+        assert model.stage_mask(s) == model.magnet.subcodes_context  # what the forward runs: that band
+    assert model.stage_mask(0) is None
+
+
+def test_banded_attention_equals_masked_attention():
+    """The decoder computes a stage mask as a band (2w + 1 scores per query): the same attention
+    as the full masked one, edges included."""
+    import mlx.core as mx
+
+    from mlx_music.models.magnet import restricted_context_mask
+    from mlx_music.models.musicgen_decoder import banded_attention
+
+    mx.random.seed(1)
+    q, k, v = (mx.random.normal((2, 3, 23, 8)) for _ in range(3))
+    for w in (0, 2, 5, 30):
+        full = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=restricted_context_mask(23, w))
+        full = full.transpose(0, 2, 1, 3).reshape(2, 23, 24)
+        assert float(mx.abs(banded_attention(q, k, v, w, 0.3) - full).max()) < 1e-6
 
 
 @pytest.mark.parametrize("kind", KINDS)
