@@ -189,13 +189,16 @@ class MusicGenPipeline:
                              f"(at least {span / self.frame_rate:g} s)")
         return out
 
-    def frames(self, requests: Sequence[Request], extend_stride: float | None = None) -> FrameGenerator:
-        """The frame generator of a batch of requests (see `FrameGenerator`)."""
+    def frames(self, requests: Sequence[Request | Row], extend_stride: float | None = None) -> FrameGenerator:
+        """The frame generator of a batch of requests (see `FrameGenerator`). A `Row` that
+        `resolve` already made is used as it is (the server checks each row alone before batching
+        it, and its audio inputs are decoded and encoded once)."""
         if not requests:
             raise ValueError("prompts: give at least one prompt")
         for r in requests:  # cheap checks of every row before any row's audio is decoded
-            check_seed(r.seed)
-        rows = [self.resolve(r) for r in requests]
+            if not isinstance(r, Row):
+                check_seed(r.seed)
+        rows = [r if isinstance(r, Row) else self.resolve(r) for r in requests]
         if self.is_magnet:
             if extend_stride is not None:
                 raise ValueError("extend_stride: MAGNeT makes one clip of at most its training segment; "
@@ -307,7 +310,7 @@ class MusicGenPipeline:
                              span_arrangement=span_arrangement)
         return self.generate_batch(reqs, extend_stride=extend_stride, progress=progress)
 
-    def generate_batch(self, requests: Sequence[Request], *, extend_stride: float | None = None,
+    def generate_batch(self, requests: Sequence[Request | Row], *, extend_stride: float | None = None,
                        progress: bool = False) -> GenerationResult:
         """Independent rows, each with its own prompt, duration, seed and settings.
 
@@ -344,7 +347,7 @@ class MusicGenPipeline:
                              span_arrangement=span_arrangement)
         return self.stream_batch(reqs, chunk_seconds=chunk_seconds, extend_stride=extend_stride, progress=progress)
 
-    def stream_batch(self, requests: Sequence[Request], *, chunk_seconds: float = 1.0,
+    def stream_batch(self, requests: Sequence[Request | Row], *, chunk_seconds: float = 1.0,
                      extend_stride: float | None = None, progress: bool = False) -> Iterator[AudioChunk]:
         """`stream` of independent rows; each row's samples equal the same request run alone."""
         if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \

@@ -66,6 +66,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     listeners: int = 0  # open streams and downloads of this job
     format: str = "wav"  # the file format asked for (POST /v1/generate)
+    row: Any = None  # the request as `MusicGenPipeline.resolve` prepared it, once checked alone
     _loop: asyncio.AbstractEventLoop | None = None
     _changed: asyncio.Event | None = None
 
@@ -318,7 +319,7 @@ class Batcher:
             if j.finished:
                 continue
             try:
-                self.pipes[j.model].resolve(j.request)
+                j.row = self.pipes[j.model].resolve(j.request)
             except Exception as err:
                 message, status = _row_error(err)
                 log.warning("row %s refused: %s", j.id[:8], " ".join(message.split()))
@@ -338,7 +339,8 @@ class Batcher:
         chunks = None
         started = False
         try:
-            chunks = pipe.stream_batch([j.request for j in jobs], chunk_seconds=self.chunk_seconds)
+            chunks = pipe.stream_batch([j.request if j.row is None else j.row for j in jobs],
+                                      chunk_seconds=self.chunk_seconds)
             for chunk in chunks:
                 started = True
                 for j, a in zip(jobs, chunk.audio):
