@@ -43,6 +43,28 @@ def hf_folder(tmp_path_factory, hf_models):
     return get
 
 
+TINY_STEREO = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory) -> Path:
+    """The shipped tiny stereo MusicGen (tests/data), converted once per session; read-only.
+    A test module may define its own ``model``."""
+    from mlx_music.converters.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-stereo"
+    convert_checkpoint(TINY_STEREO, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    """``model`` loaded, once per test module (a module may change its pipeline's settings)."""
+    from mlx_music import load
+
+    return load(model)
+
+
 @pytest.fixture(scope="session")
 def mlx_folder(tmp_path_factory, hf_folder):
     """(arch, layout='single', dtype='float32') -> converted MLX folder (cached)."""

@@ -48,3 +48,20 @@ def gen(pipe, *args, **kwargs):
     whose rows all have one length."""
     res = pipe.generate(*args, **kwargs)
     return np.stack(res.audio), res.sample_rate, np.stack(res.codes)
+
+
+def run_cli(*args: str):
+    """`mlx-music ARGS` in this process (click's runner); exceptions propagate as tracebacks."""
+    from click.testing import CliRunner
+
+    from mlx_music.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a JSON Lines prompts file (UTF-8, unescaped)."""
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

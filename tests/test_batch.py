@@ -20,8 +20,8 @@ import soundfile as sf
 
 from mlx_music.runtime.batch_job import MANIFEST, model_checksum, read_prompts, run_batch
 from mlx_music.runtime.checksums import sha256_file
+from generation_helpers import write_jsonl
 
-DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
 BIN = Path(sys.executable).parent
 # Unicode prompts and ids; short, equal durations keep the compiled step shapes few and the tests fast.
 ROWS = [
@@ -35,27 +35,6 @@ ROWS = [
     {"id": "h", "prompt": "techno", "duration": 0.1, "seed": 18},
 ]
 IDS = ["café-01", "b", "c", "00004", "e", "f", "g", "h"]  # row 4 has no id: its row number
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from mlx_music.converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("batch") / "tiny-stereo"
-    convert_checkpoint(DATA, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe(model):
-    from mlx_music import load
-
-    return load(model)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

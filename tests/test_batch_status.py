@@ -12,30 +12,9 @@ from click.testing import CliRunner
 
 from mlx_music.runtime import batch_job
 from mlx_music.runtime.batch_job import MANIFEST, batch_status, run_batch
+from generation_helpers import write_jsonl
 
-DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
 ROWS = [{"id": f"r{i}", "prompt": f"prompt {i}", "duration": 0.04, "seed": i} for i in range(5)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from mlx_music.converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("status") / "tiny-stereo"
-    convert_checkpoint(DATA, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe(model):
-    from mlx_music import load
-
-    return load(model)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def manifest(out: Path) -> list[dict]:

@@ -7,38 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
 from mlx_music.runtime.audio_io import AudioInputError
-
-DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from mlx_music.converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("i22") / "tiny-stereo"
-    convert_checkpoint(DATA, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe(model):
-    from mlx_music import load
-
-    return load(model)
-
-
-def cli(*args: str):
-    from mlx_music.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from generation_helpers import run_cli as cli
 
 
 @pytest.mark.parametrize("duration", ["2", "3"])

@@ -5,40 +5,16 @@ every written file records its seed and settings in its metadata."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
 from mlx_music.runtime.generation import Request
 from mlx_music.runtime.sampling import SEED_MAX, check_seed, derive_seed
+from generation_helpers import run_cli as cli
 
-DATA = Path(__file__).parent / "data" / "tiny-musicgen-stereo"
 BAD_SEEDS = [-1, SEED_MAX + 1, 2**64 - 1, 18446744073709551615 * 4, True, 1.5, "3", np.float32(2)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from mlx_music.converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("seeds") / "tiny-stereo"
-    convert_checkpoint(DATA, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe(model):
-    from mlx_music import load
-
-    return load(model)
-
-
-def cli(*args: str):
-    from mlx_music.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 # ------------------------------------------------------------------------------ the range
