@@ -67,13 +67,14 @@ class MagnetModel(MusicGen):
         return self.magnet.subcodes_context if restricted else None
 
     def stage_logits(self, codes: mx.array, stage: int, text_states: mx.array, text_mask: mx.array | None,
-                     all_heads: bool = False) -> mx.array:
+                     all_heads: bool = False, positions: mx.array | None = None) -> mx.array:
         """Logits of one decoding pass: codes (B, K, T) (``vocab_size`` = masked) with text states
         (B, S, h) / mask (B, S) → (B, 1, T, vocab) of codebook ``stage`` (all_heads: (B, K, T, vocab),
-        what audiocraft's ``LMModel.forward(..., stage=stage)`` returns)."""
+        what audiocraft's ``LMModel.forward(..., stage=stage)`` returns). ``positions`` (B, M): only
+        those positions' logits, (B, 1, M, vocab)."""
         return self.decoder(codes, encoder_states=text_states, encoder_mask=text_mask,
                             attention_mask=self.stage_mask(stage),
-                            codebook=None if all_heads else stage)
+                            codebook=None if all_heads else stage, logit_positions=positions)
 
     def __call__(self, codes: mx.array, text_states: mx.array | None = None,
                  text_mask: mx.array | None = None, chroma: mx.array | None = None, *, stage: int = 0) -> mx.array:

@@ -620,7 +620,8 @@ class MusicgenDecoder(nn.Module):
     def __call__(self, codes: mx.array, cache: DecoderCache | None = None, *,
                  encoder_states: mx.array | None = None, encoder_mask: mx.array | None = None,
                  prefix: mx.array | None = None, attention_mask: mx.array | str | None = "causal",
-                 codebook: int | None = None, prefix_mask: mx.array | None = None) -> mx.array:
+                 codebook: int | None = None, prefix_mask: mx.array | None = None,
+                 logit_positions: mx.array | None = None) -> mx.array:
         """Run the decoder on codes (B, K, T) and return logits (B, K, T, vocab) for those codes.
 
         Without a cache this is a plain causal forward over `[prefix, codes]` from position 0;
@@ -628,7 +629,8 @@ class MusicgenDecoder(nn.Module):
         `attention_mask` replaces the causal self-attention mask there: None attends everywhere,
         a (T, T) bool array (True = visible) restricts it, an int w restricts it to |i - j| <= w
         and computes only that band (MAGNeT's stage masks, `banded_attention`). `codebook` k
-        returns only that head's logits (B, 1, T, vocab).
+        returns only that head's logits (B, 1, T, vocab); `logit_positions` (B, M) int only the logits
+        of those positions (B, K or 1, M, vocab).
 
         With a cache, the inputs occupy positions offset .. offset+P+T-1 (P = prefix length, 0
         unless given): their keys/values are written into the cache, every query attends to all
@@ -709,6 +711,8 @@ class MusicgenDecoder(nn.Module):
             x = self.layer_norm(x[:, P:] + d[:, P:])
         else:
             x = _norm(ln, x, d)[1]
+        if logit_positions is not None:
+            x = mx.take_along_axis(x, logit_positions[..., None].astype(mx.int32), axis=1)
         return self.logits(x, codebook)
 
     def _positions(self, positions: mx.array, L: int, cache: DecoderCache | None, dtype: mx.Dtype) -> mx.array:

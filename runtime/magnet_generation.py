@@ -258,8 +258,15 @@ class MagnetFrameGenerator:
             seq[:, stage] = stage_seq
             coef = (float(mask_p) * cfg_max + (1 - float(mask_p)) * cfg_min).astype(np.float32)
             temp = np.maximum(temp0 * ((n - 1 - i) / n), MIN_TEMPERATURE).astype(np.float32)
-            tok, prob, keys = self._pass(seq, stage, states, text_mask, coef, temp, rs, topk_rows, keys)
             was_masked = stage_seq == self.mask_id
+            # Only the positions whose token or confidence is used get logits and sampling: the
+            # masked spans (with nonoverlap, every position of the re-masked chunks, a prompt
+            # frame sharing one included; their count is the same for every row of the batch).
+            needed = np.repeat(chunks_mask, span, axis=1) if chunked else was_masked
+            counts = needed.sum(axis=1)
+            positions = np.nonzero(needed)[1].reshape(b, -1) if arrangement == "nonoverlap" and \
+                (counts == counts[0]).all() else None
+            tok, prob, keys = self._pass(seq, stage, states, text_mask, coef, temp, rs, topk_rows, keys, positions)
             stage_seq = np.where(was_masked, tok, stage_seq).astype(np.int32)
             seq[:, stage] = stage_seq
             if chunked:
@@ -273,10 +280,16 @@ class MagnetFrameGenerator:
         return keys
 
     def _pass(self, seq: np.ndarray, stage: int, states: mx.array, text_mask: mx.array, coef: np.ndarray,
-              temp: np.ndarray, rs: RowSampling, topk_rows: np.ndarray, keys: mx.array):
-        """One forward with CFG → (tokens (B, T), their probabilities (B, T), next keys)."""
+              temp: np.ndarray, rs: RowSampling, topk_rows: np.ndarray, keys: mx.array,
+              positions: np.ndarray | None = None):
+        """One forward with CFG → (tokens (B, T), their probabilities (B, T), next keys).
+
+        ``positions`` (B, M): compute logits, tokens and probabilities there only (the others are
+        returned as the mask id and probability 1, and must not be used)."""
         codes = mx.array(seq)
-        logits = self.model.stage_logits(mx.concatenate([codes, codes], axis=0), stage, states, text_mask)[:, 0]
+        pos = None if positions is None else mx.array(np.concatenate([positions, positions]).astype(np.int32))
+        logits = self.model.stage_logits(mx.concatenate([codes, codes], axis=0), stage, states, text_mask,
+                                         positions=pos)[:, 0]
         cond, uncond = mx.split(logits.astype(mx.float32), 2, axis=0)
         guided = uncond + (cond - uncond) * mx.array(coef)[:, None, None]  # (B, T, V)
         probs = mx.softmax(guided / mx.array(temp)[:, None, None], axis=-1)
@@ -292,7 +305,13 @@ class MagnetFrameGenerator:
             kept = mx.where(mx.isinf(filtered_logits(mx.log(probs), replace(rs, top_p_on=False))), 0.0, probs)
             p = mx.where(mx.array(topk_rows)[:, None], p / kept.sum(axis=-1), p)
         mx.eval(tok, p, keys)
-        return np.array(tok), np.array(p), keys
+        if positions is None:
+            return np.array(tok), np.array(p), keys
+        full_tok = np.full(seq[:, stage].shape, self.mask_id, np.int32)
+        full_p = np.ones(seq[:, stage].shape, np.float32)
+        np.put_along_axis(full_tok, positions, np.array(tok), axis=1)
+        np.put_along_axis(full_p, positions, np.array(p), axis=1)
+        return full_tok, full_p, keys
 
 
 def _top_indices(scores: np.ndarray, k: int) -> np.ndarray:
