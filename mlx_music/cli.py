@@ -545,7 +545,7 @@ def publish(folder, repo, private, dry_run, revision, message, token):
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
 @click.option("--rslora", is_flag=True, help="scale = alpha / sqrt(rank).")
 @click.option("--targets", default="q_proj,k_proj,v_proj,out_proj,fc1,fc2", show_default=True,
-              help="Comma-separated modules (also lm_heads, enc_to_dec_proj, audio_enc_to_dec_proj).")
+              help="Comma-separated modules (also lm_heads, embed_tokens, enc_to_dec_proj, audio_enc_to_dec_proj).")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear warmup steps before the cosine.")
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)

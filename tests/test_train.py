@@ -79,7 +79,8 @@ def test_loss_equals_transformers(arch, hf_models, mlx_folder):
     assert b["labels"][1, 0, -1] == -100
 
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "enc_to_dec_proj", "lm_heads.0", "lm_heads.2"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "enc_to_dec_proj", "lm_heads.0", "lm_heads.2",
+           "embed_tokens.1", "embed_tokens.3"]
 
 
 def peft_model(hf, seed: int, r: int = 4, alpha: float = 8.0):
@@ -94,15 +95,24 @@ def peft_model(hf, seed: int, r: int = 4, alpha: float = 8.0):
     return pm
 
 
-def peft_factors(pm) -> dict[str, tuple[str, str]]:
-    """MLX module -> (peft lora_A param name, lora_B param name)."""
+def peft_factors(pm) -> dict[str, tuple[str, str, bool]]:
+    """MLX module -> (peft param holding our a, param holding our b, transposed?): Linear a = lora_A,
+    b = lora_B; Embedding a = lora_embedding_B^T, b = lora_embedding_A^T."""
     rules = custom_manifest().rules
     out = {}
     for name, _ in pm.named_parameters():
         if ".lora_A." in name:
             hf_mod = name[len("base_model.model."):].split(".lora_A.")[0]
-            out[_mlx_module(hf_mod, rules)] = (name, name.replace(".lora_A.", ".lora_B."))
+            out[_mlx_module(hf_mod, rules)] = (name, name.replace(".lora_A.", ".lora_B."), False)
+        elif ".lora_embedding_A." in name:
+            hf_mod = name[len("base_model.model."):].split(".lora_embedding_A.")[0]
+            out[_mlx_module(hf_mod, rules)] = (name.replace("_A.", "_B."), name, True)
     return out
+
+
+def as_ours(t, transposed: bool) -> np.ndarray:
+    t = t.detach().numpy() if hasattr(t, "detach") else t.numpy()
+    return np.ascontiguousarray(t.T) if transposed else t
 
 
 def test_lora_gradients_and_adamw_steps_equal_peft(hf_models, mlx_folder):
@@ -113,13 +123,17 @@ def test_lora_gradients_and_adamw_steps_equal_peft(hf_models, mlx_folder):
     names = peft_factors(pm)
     params = dict(pm.named_parameters())
     assert set(names) == set(lora_factors(wrapped))  # same modules adapted on both sides
-    assert len(names) == 2 * 10 + 1 + 2  # 2 layers x (self q,k,v,out + cross q,k,v,out + fc1, fc2), proj, 2 heads
-    set_lora_factors(wrapped, {m: (mx.array(params[a].detach().numpy()), mx.array(params[b].detach().numpy()))
-                               for m, (a, b) in names.items()})
+    assert len(names) == 2 * 10 + 1 + 2 + 2  # 2 layers x (self q,k,v,out + cross q,k,v,out + fc1, fc2), proj,
+    #                                         2 heads, 2 embedding tables
+    set_lora_factors(wrapped, {m: (mx.array(as_ours(params[a], t)), mx.array(as_ours(params[b], t)))
+                               for m, (a, b, t) in names.items()})
     b = make_batch(pipe, seed=1)
     batch = mlx_batch(pipe, b)
 
-    s = OptimSettings(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999), clip=0.0)
+    # Adam divides each gradient by its own magnitude + eps: an entry whose gradient is at the float
+    # noise floor (one here is 9e-8 against a max of 0.6) gets an update set by that noise. eps 1e-4
+    # (the same on both sides) keeps such entries from deciding the comparison; others are untouched.
+    s = OptimSettings(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-4, clip=0.0)
     stepper = Stepper(pipe.model, make_optimizer(s, constant=True), clip=0.0)
     loss, grads = stepper.gradients([batch])
     mx.eval(loss, grads)
@@ -134,15 +148,14 @@ def test_lora_gradients_and_adamw_steps_equal_peft(hf_models, mlx_folder):
         for i, t in enumerate(layer.targets):
             ours[t] = (np.array(g["lora_a"][i]), np.array(g["lora_b"][i]))
     worst = 0.0
-    for mod, (a, bname) in names.items():
-        for mine, ref in ((ours[mod][0], params[a].grad.numpy()), (ours[mod][1], params[bname].grad.numpy())):
+    for mod, (a, bname, t) in names.items():
+        for mine, ref in ((ours[mod][0], as_ours(params[a].grad, t)), (ours[mod][1], as_ours(params[bname].grad, t))):
             assert np.abs(ref).max() > 0
             worst = max(worst, float(np.abs(mine - ref).max() / np.abs(ref).max()))
     assert worst <= 1e-4, worst
-
     # 5 AdamW steps, same data and settings
-    topt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.999),
-                             eps=1e-8, weight_decay=0.01)
+    topt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.999),
+                             eps=1e-4, weight_decay=0.01)
     topt.zero_grad()
     for _ in range(5):
         pm(**hf_kwargs(b)).loss.backward()
@@ -151,9 +164,9 @@ def test_lora_gradients_and_adamw_steps_equal_peft(hf_models, mlx_folder):
         stepper.step([batch])
     mine = lora_factors(wrapped)
     worst = 0.0
-    for mod, (a, bname) in names.items():
+    for mod, (a, bname, t) in names.items():
         for x, ref in ((mine[mod][0], params[a]), (mine[mod][1], params[bname])):
-            ref = ref.detach().numpy()
+            ref = as_ours(ref, t)
             worst = max(worst, float(np.abs(np.array(x) - ref).max() / np.abs(ref).max()))
     assert worst <= 1e-4, worst
 

@@ -35,7 +35,8 @@ def tones(tmp_path_factory):
 def opts(data, model, out, **kw):
     base = dict(steps=6, batch_size=2, rank=4, alpha=8.0, lr=5e-3, segment=1.0, min_seconds=0.5, val_fraction=0.2,
                 val_every=3, save_every=2, lora_dropout=0.1, progress=False,
-                targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_heads", "enc_to_dec_proj"))
+                targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_heads", "enc_to_dec_proj",
+                         "embed_tokens"))
     base.update(kw)
     return TrainOptions(data=str(data), model=str(model), out=str(out), **base)
 
@@ -52,7 +53,7 @@ def test_resume_is_bit_identical(tmp_path, tones, mlx_folder):
     shutil.rmtree(cut / "cache")  # a resumed run re-encodes what it lacks (same codes)
     train(opts(tones, base, tmp_path / "cut", resume=True))
     a, b = factors(whole), factors(tmp_path / "cut")
-    assert a.keys() == b.keys() and len(a) == 2 * (2 * 10 + 4 + 1)
+    assert a.keys() == b.keys() and len(a) == 2 * (2 * 10 + 4 + 1 + 4)
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
     assert any(float(mx.abs(a[k]).max()) > 0 for k in a if k.endswith("lora_b"))

@@ -6,7 +6,8 @@ adapter=)`` and ``set_adapter`` take): ``adapter_config.json`` + ``adapters.safe
 
 PEFT adapter (``<out>/peft``): ``adapter_config.json`` + ``adapter_model.safetensors`` with the key
 names peft 0.21 writes for transformers' ``MusicgenForConditionalGeneration``
-(``base_model.model.<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r)), loadable with
+(``base_model.model.<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r); embeddings
+``.lora_embedding_A`` (r, vocab), ``.lora_embedding_B`` (dims, r)), loadable with
 ``PeftModel.from_pretrained`` and mergeable with ``mlx-music convert --adapter``. ``target_modules``
 lists the exact transformers module paths trained, so peft matches nothing else.
 
@@ -38,13 +39,17 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 def hf_module(mlx_module: str) -> str:
     """MLX checkpoint module path -> transformers' MusicGen module path (the inverse of the
     manifest's rename rules, which is checked: converters.adapters reads the name back)."""
-    if mlx_module.startswith("decoder.layers."):
+    if mlx_module.startswith(("decoder.layers.", "decoder.embed_tokens.")):
         name = "decoder.model." + mlx_module
     else:
         name = mlx_module  # decoder.lm_heads.k, enc_to_dec_proj, audio_enc_to_dec_proj
     if _mlx_module(name, custom_manifest().rules) != mlx_module:
         raise ValueError(f"--targets: module {mlx_module} has no transformers name (cannot export to PEFT)")
     return name
+
+
+def _kind(mlx_module: str) -> str:
+    return "embedding" if ".embed_tokens." in mlx_module else "linear"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -85,7 +90,7 @@ def save_adapters(out: Path, factors: dict[str, tuple[mx.array, mx.array]], *, r
         tensors[f"{n}.lora_b"] = b.astype(mx.float32)
     config = {"format": rt.ADAPTER_FORMAT, "format_version": rt.FORMAT_VERSION, "peft_type": "LORA",
               "base_model": base_model, "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
-              "modules": {n: {"kind": "linear", "rank": rank, "scale": scale,
+              "modules": {n: {"kind": _kind(n), "rank": rank, "scale": scale,
                               "shape": [int(factors[n][1].shape[0]), int(factors[n][0].shape[1])],
                               "source": hf[n]} for n in names}}
     if info:
@@ -101,8 +106,12 @@ def save_adapters(out: Path, factors: dict[str, tuple[mx.array, mx.array]], *, r
     peft_tensors = {}
     for n in names:
         a, b = factors[n]
-        peft_tensors[f"base_model.model.{hf[n]}.lora_A.weight"] = a.astype(mx.float32)
-        peft_tensors[f"base_model.model.{hf[n]}.lora_B.weight"] = b.astype(mx.float32)
+        if _kind(n) == "embedding":  # peft: lora_embedding_A (r, vocab) = b^T, lora_embedding_B (dims, r) = a^T
+            peft_tensors[f"base_model.model.{hf[n]}.lora_embedding_A"] = mx.contiguous(b.T.astype(mx.float32))
+            peft_tensors[f"base_model.model.{hf[n]}.lora_embedding_B"] = mx.contiguous(a.T.astype(mx.float32))
+        else:
+            peft_tensors[f"base_model.model.{hf[n]}.lora_A.weight"] = a.astype(mx.float32)
+            peft_tensors[f"base_model.model.{hf[n]}.lora_B.weight"] = b.astype(mx.float32)
     peft_config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "r": rank, "lora_alpha": alpha,
         "lora_dropout": 0.0, "target_modules": [hf[n] for n in names], "bias": "none", "use_rslora": rslora,

@@ -3,7 +3,8 @@
 The runtime decoder runs a fused layout (`mlx_music.models.musicgen_decoder`): one ``qkv_proj``
 per self-attention, one ``kv_proj`` per cross-attention and one ``lm_head`` for the K heads. A
 LoRA target, though, is a checkpoint module (``q_proj``, ``lm_heads.2``...), the unit PEFT and the
-MLX adapter format (`mlx_music.runtime.adapters`) name. `LoRALinear` therefore wraps one runtime
+MLX adapter format (`mlx_music.runtime.adapters`) name. `LoRALinear` (and `LoRAEmbedding` for the
+fused codebook embeddings) therefore wraps one runtime
 module whose output rows are a sequence of *parts* (checkpoint modules, in order) and gives each
 targeted part its own factors:
 
@@ -30,7 +31,8 @@ from mlx_music.models.musicgen import MusicGen
 
 # The LoRA targets a user may name (PEFT's names for transformers' MusicGen modules).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-SELECTABLE = DEFAULT_TARGETS + ("lm_heads", "enc_to_dec_proj", "audio_enc_to_dec_proj")
+SELECTABLE = DEFAULT_TARGETS + ("lm_heads", "embed_tokens", "enc_to_dec_proj", "audio_enc_to_dec_proj")
+_GROUPS = ("lm_heads", "embed_tokens")  # one name for all K codebook modules
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class LoraSettings:
 
 def _in_dims(base: nn.Module) -> int:
     w = base.weight
-    if isinstance(base, nn.QuantizedLinear):
+    if isinstance(base, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return w.shape[1] * 32 // base.bits  # packed uint32 columns
     return w.shape[1]
 
@@ -123,6 +125,57 @@ class LoRALinear(nn.Module):
         return y + delta.astype(y.dtype)
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen Embedding / QuantizedEmbedding whose rows are K part tables (the decoder's fused
+    codebook embeddings), with trainable low-rank updates of some parts.
+
+    Per targeted part: ``table += scale * b @ a`` with ``b`` (rows, rank) and ``a`` (rank, dims),
+    the MLX adapter layout of an embedding (peft's ``lora_embedding_A`` is ``b^T``,
+    ``lora_embedding_B`` is ``a^T``). Init as peft's: ``b = 0``, ``a ~ N(0, 1)``; no dropout (peft
+    applies none on embeddings)."""
+
+    def __init__(self, base: nn.Module, parts: list[tuple[str, int]], targets: list[str], settings: LoraSettings,
+                 key: mx.array | None = None):
+        super().__init__()
+        base.freeze()
+        self.embedding = base
+        self._parts = tuple(parts)
+        self._targets = tuple(p for p, _ in parts if p in targets)
+        self._scale = settings.scale
+        dims = _in_dims(base)
+        keys = mx.random.split(key, len(self._targets)) if key is not None else [None] * len(self._targets)
+        rows = dict(parts)
+        self.lora_a = [mx.random.normal((settings.rank, dims), key=k) for k in keys]
+        self.lora_b = [mx.zeros((rows[t], settings.rank)) for t in self._targets]
+
+    @property
+    def weight(self) -> mx.array:
+        return self.embedding.weight
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self._targets
+
+    def factors(self) -> dict[str, tuple[mx.array, mx.array]]:
+        """checkpoint module name -> (a (rank, dims), b (rows, rank))."""
+        return {t: (a, b) for t, a, b in zip(self._targets, self.lora_a, self.lora_b)}
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        y = self.embedding(ids)
+        factors = self.factors()
+        delta = None
+        start = 0
+        for name, rows in self._parts:
+            if name in factors:
+                a, b = factors[name]
+                inside = (ids >= start) & (ids < start + rows)
+                d = (mx.take(b, mx.clip(ids - start, 0, rows - 1), axis=0) @ a) * self._scale
+                d = mx.where(inside[..., None], d, 0.0)
+                delta = d if delta is None else delta + d
+            start += rows
+        return y if delta is None else y + delta.astype(y.dtype)
+
+
 # ------------------------------------------------------------------ where the targets live
 def _runtime_modules(model: MusicGen) -> list[tuple[str, list[str]]]:
     """(runtime module path, its parts' checkpoint names) for every LoRA-able module of a fused model."""
@@ -140,6 +193,7 @@ def _runtime_modules(model: MusicGen) -> list[tuple[str, list[str]]]:
         out.append((f"{p}.fc1", [f"{p}.fc1"]))
         out.append((f"{p}.fc2", [f"{p}.fc2"]))
     out.append(("decoder.lm_head", [f"decoder.lm_heads.{k}" for k in range(model.decoder_args.num_codebooks)]))
+    out.append(("decoder.embed", [f"decoder.embed_tokens.{k}" for k in range(model.decoder_args.num_codebooks)]))
     out.append(("enc_to_dec_proj", ["enc_to_dec_proj"]))
     if model.is_melody:
         out.append(("audio_enc_to_dec_proj", ["audio_enc_to_dec_proj"]))
@@ -152,17 +206,18 @@ def _matches(module: str, target: str) -> bool:
 
 
 def resolve_targets(model: MusicGen, targets: list[str] | tuple[str, ...]) -> list[str]:
-    """Checkpoint module names selected by PEFT-style `targets` (``lm_heads`` selects every head).
+    """Checkpoint module names selected by PEFT-style `targets` (``lm_heads`` / ``embed_tokens``
+    select all K codebook modules; ``lm_heads.2`` one).
 
     Raises ValueError naming a target the model does not have (e.g. ``audio_enc_to_dec_proj`` on a
-    text model, a T5 or embedding target, which this trainer does not adapt)."""
+    text model, or a T5 module: T5 is frozen and its states cached, so it is not adapted)."""
     if not targets:
         raise ValueError("--targets: expected at least one module name")
     names = [n for _, parts in _runtime_modules(model) for n in parts]
     chosen: set[str] = set()
     for t in targets:
         t = t.strip()
-        pattern = re.compile(r"lm_heads(\.\d+)?") if t == "lm_heads" else None
+        pattern = re.compile(rf"{t}(\.\d+)?") if t in _GROUPS else None
         hit = [n for n in names if _matches(n, t) or (pattern and pattern.fullmatch(n.split("decoder.")[-1]))]
         if not hit:
             raise ValueError(f"--targets {t}: not a module of this model that LoRA can train; expected names "
@@ -189,7 +244,7 @@ def _rows(module: nn.Module, n: int) -> int:
 
 
 def apply_lora(model: MusicGen, targets: list[str] | tuple[str, ...], settings: LoraSettings,
-               seed: int = 0) -> dict[str, LoRALinear]:
+               seed: int = 0) -> dict[str, LoRALinear | LoRAEmbedding]:
     """Freeze `model` and wrap every runtime module holding a target in a `LoRALinear`, in place.
 
     Returns runtime path -> LoRALinear. Only the LoRA factors are trainable afterwards
@@ -198,13 +253,14 @@ def apply_lora(model: MusicGen, targets: list[str] | tuple[str, ...], settings: 
     chosen = set(resolve_targets(model, targets))
     model.freeze()
     key = mx.random.key(seed)
-    wrapped: dict[str, LoRALinear] = {}
+    wrapped: dict[str, LoRALinear | LoRAEmbedding] = {}
     for path, parts in _runtime_modules(model):
         if not chosen.intersection(parts):
             continue
         base = _get(model, path)
         key, sub = mx.random.split(key)
-        layer = LoRALinear(base, [(p, _rows(base, len(parts))) for p in parts], sorted(chosen), settings, sub)
+        kind = LoRAEmbedding if isinstance(base, (nn.Embedding, nn.QuantizedEmbedding)) else LoRALinear
+        layer = kind(base, [(p, _rows(base, len(parts))) for p in parts], sorted(chosen), settings, sub)
         _set(model, path, layer)
         wrapped[path] = layer
     mx.eval(model.trainable_parameters())
@@ -260,5 +316,5 @@ def set_lora_factors(wrapped: dict[str, LoRALinear], factors: dict[str, tuple[mx
         raise ValueError(f"adapter: module {extra[0]}: not trained here")
 
 
-__all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoraSettings", "SELECTABLE", "apply_lora", "grad_checkpoint", "lora_factors",
+__all__ = ["DEFAULT_TARGETS", "LoRAEmbedding", "LoRALinear", "LoraSettings", "SELECTABLE", "apply_lora", "grad_checkpoint", "lora_factors",
            "resolve_targets", "set_lora_factors"]
