@@ -63,6 +63,9 @@ def test_resume_is_bit_identical(tmp_path, tones, mlx_folder):
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole_rows]
     assert "val_loss" in rows[2] and "val_loss" in rows[5]
     assert (whole / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (whole / "README.md").read_text()
+    assert f"base_model: {mlx_folder('mono')}" in card and "| steps | 6 |" in card
+    assert f"| train loss (last step) | {whole_rows[-1]['loss']} |" in card and "| data | 10 training pieces" in card
 
 
 def _logits_mlx(pipe, codes, ids, mask):

@@ -3,6 +3,7 @@
 Output folder (``--out``):
 
     adapter_config.json, adapters.safetensors, conversion.json   the MLX adapter (generate --adapter)
+    README.md      model card: base model, data size, steps, losses
     peft/adapter_config.json, peft/adapter_model.safetensors     the same adapter for transformers + peft
     checkpoint/    factors, AdamW state and step of the last save (what --resume continues from)
     metrics.jsonl  one line per step (loss, lr, audio seconds per second; val_loss at step 1, every
@@ -281,6 +282,8 @@ def _train(opts: TrainOptions, out: Path) -> Path:
         if rows:
             val_batches.append(collate(rows, data.text, np.zeros(len(rows), bool), pipe.audio_channels, pad, chroma_len))
 
+    last: dict = {}  # the latest train / validation loss, for the model card
+
     def save(step: int) -> None:
         if rank != 0:
             return
@@ -288,7 +291,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
             _save_checkpoint(out, step, wrapped, optimizer, identity)
             save_adapters(out, lora_factors(wrapped), rank=opts.rank, alpha=opts.alpha, rslora=opts.rslora,
                           scale=lora.scale, base_model=opts.model, melody=model.is_melody,
-                          info={**info, "step": step})
+                          info={**info, "step": step, **last})
         except OSError as e:
             raise ValueError(f"--out {out}: write failed at step {step} ({e.strerror or e}); the previous "
                              "adapter and checkpoint are kept") from None
@@ -320,6 +323,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
                     row["val_loss"] = round(stepper.evaluate(val_batches), 6)
                 if opts.sample_prompt and rank == 0:
                     _sample(pipe, opts, out / "samples" / f"step-{step:06d}.wav")
+            last.update({k: row[k] for k in ("loss", "val_loss") if k in row})
             if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
