@@ -160,6 +160,11 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tones, mlx_folder):
     res = run_cli(tones, *common, "--out", out)
     assert res.exit_code == 0, res.output
     one_line_error(run_cli(tones, *common, "--out", out), "already exists", "--resume")
+    killed = tmp_path / "killed"  # what a run killed before its first save leaves: a new run starts there
+    shutil.copytree(out / "cache", killed / "cache")
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert run_cli(tones, *common, "--out", killed).exit_code == 0
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 2
     one_line_error(run_cli(tones, *common, "--out", out, "--resume", "--steps", "4", "--rank", "3"),
                    "--resume", "rank")
     other = dataset("other", '{"file_name": "a4_0.wav", "text": "another caption"}\n')

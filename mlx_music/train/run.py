@@ -50,6 +50,10 @@ PLOT = "loss.png"
 TEXT_DROPOUT = 0.3
 
 
+# What a run killed before its first save leaves: a new run may start there (reusing the cache).
+_RESTARTABLE = {"cache", METRICS, "samples"}
+
+
 class TrainingStopped(RuntimeError):
     """The loss became NaN/Inf; the adapter in --out is the last good one. One line."""
 
@@ -123,7 +127,7 @@ def _out_folder(opts: TrainOptions) -> Path:
                 os.replace(old, out / CHECKPOINT)
         if not (out / CHECKPOINT / "state.json").is_file():
             raise ValueError(f"--out {out}: no checkpoint to resume (expected {out / CHECKPOINT / 'state.json'})")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and {p.name for p in out.iterdir()} - _RESTARTABLE:
         raise ValueError(f"--out {out}: already exists and is not empty; pass --resume to continue that run, "
                          "or choose another folder")
     return out
@@ -257,7 +261,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
                                    for k in saved if k.startswith("lora.") and k.endswith(".a")})
         optimizer.state = tree_unflatten([(k[len("opt."):], v) for k, v in saved.items() if k.startswith("opt.")])
         start = state["step"]
-        _truncate_metrics(out / METRICS, start)
+    _truncate_metrics(out / METRICS, start)  # a fresh run in a restartable folder starts at 0
     out.mkdir(parents=True, exist_ok=True)
 
     stepper = Stepper(model, optimizer, clip=opts.clip, group=group)
