@@ -12,6 +12,9 @@ GPUs) it is the plain MLX composition it replaces, which the parity tests run.
   MLX's CUDA SDPA runs a fused kernel only without an array mask; with one it falls back to
   5 primitives (scale, QK^T, where, softmax, PV). The output is written with heads merged,
   (B, 1, heads * head_dim), ready for the output projection.
+* `linear(x, weight, bias)` -> x @ weight.T + bias with a small-row GEMV kernel for <= 32 rows.
+  UNVALIDATED (never run on a GPU yet) and therefore OFF: only MLX_MUSIC_GEMV=1 turns it on, on
+  CUDA; see the section below.
 
 No Metal twins: on Apple GPUs MLX's own SDPA takes bool masks in its fused vector kernel, and
 `mx.fast.layer_norm` + a compiled add cost two primitives; kernels that cannot be run here are
@@ -232,3 +235,96 @@ def decode_attention(q: mx.array, kv: mx.array, visible: mx.array, *, by_limit: 
         grid=(B * H * nw * 32, 1, 1), threadgroup=(nw * 32, 1, 1),
         output_shapes=[(B, 1, H * D)], output_dtypes=[q.dtype])
     return out
+
+
+# --------------------------------------------------------------------------- small-row GEMV
+# UNVALIDATED: written without a GPU (2026-12-05) and never compiled or timed; OFF unless
+# MLX_MUSIC_GEMV=1 (and only on CUDA, and MLX_MUSIC_KERNELS=0 overrides it). benchmarks/gpu_check.py
+# checks it against the plain matmul and benchmarks/h200_run.sh times it only after that check
+# passed; switch it on by default only once RESULTS.md shows it correct and faster.
+# Why: MLX's CUDA `gemv` takes one row only, so a float linear of 2-32 rows (CFG at batch 1-16)
+# goes to cuBLASLt, ~14 us of host time per call on the H200 against ~5 us for MLX's own kernels.
+GEMV_MAX_ROWS = 32
+
+_GEMV_SOURCE = """
+    // y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]): one warp per output o, all R rows at once,
+    // so the weight row is read once; lane l reads V consecutive elements per 32*V-wide stripe.
+    const int N = w_shape[0];
+    const int K = w_shape[1];
+    const int lane = threadIdx.x & 31;
+    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= N) return;  // whole warps leave together; no block-wide barrier below
+    float acc[R];
+    #pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    const T* wr = w + (size_t)o * K;
+    for (int k = lane * V; k < K; k += 32 * V) {
+        float wv[V];
+        #pragma unroll
+        for (int e = 0; e < V; ++e) wv[e] = static_cast<float>(wr[k + e]);
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const T* xr = x + (size_t)r * K + k;
+            #pragma unroll
+            for (int e = 0; e < V; ++e) acc[r] += wv[e] * static_cast<float>(xr[e]);
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float s = acc[r];
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+        acc[r] = s;  // every lane holds the sum
+    }
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (lane == r) {
+            float y = acc[r];
+            /*BIAS*/
+            out[(size_t)r * N + o] = T(y);
+        }
+    }
+"""
+
+
+@lru_cache(maxsize=None)
+def _gemv_kernel(has_bias: bool):
+    # two sources: without a bias input the name `bias` must not appear at all
+    names = ["x", "w", "bias"] if has_bias else ["x", "w"]
+    source = _GEMV_SOURCE.replace("/*BIAS*/", "y += static_cast<float>(bias[o]);" if has_bias else "")
+    return mx.fast.cuda_kernel(name=f"mlx_music_gemv{'_bias' if has_bias else ''}", input_names=names,
+                               output_names=["out"], source=source)
+
+
+def gemv_enabled() -> bool:
+    """True only when MLX_MUSIC_GEMV=1 is set explicitly and the CUDA kernels are enabled
+    (`cuda_kernels_enabled`: a CUDA default device and MLX_MUSIC_KERNELS not 0)."""
+    return os.environ.get("MLX_MUSIC_GEMV", "0") == "1" and cuda_kernels_enabled()
+
+
+def linear_fallback(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias), exactly as `mlx.nn.Linear` computes it."""
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """A float linear layer: x (..., in), weight (out, in), bias (out,) or None -> (..., out).
+
+    With `gemv_enabled()` and at most `GEMV_MAX_ROWS` rows (the product of x's leading axes),
+    one small-row GEMV kernel (float32 accumulation); otherwise `linear_fallback`. The kernel has
+    no gradient: it is for inference; training's many rows never reach it."""
+    k = x.shape[-1]
+    rows = x.size // k if k else 0
+    vec = 8 if x.dtype in (mx.float16, mx.bfloat16) else 4  # 16-byte stripes per lane
+    if (not gemv_enabled() or not 0 < rows <= GEMV_MAX_ROWS or weight.ndim != 2 or weight.shape[1] != k
+            or x.dtype not in (mx.float32, mx.float16, mx.bfloat16) or weight.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype) or k % vec):
+        return linear_fallback(x, weight, bias)
+    n = weight.shape[0]
+    warps = 8
+    inputs = [x.reshape(rows, k), weight] + ([bias] if bias is not None else [])
+    (out,) = _gemv_kernel(bias is not None)(
+        inputs=inputs, template=[("T", x.dtype), ("R", rows), ("V", vec)],
+        grid=(-(-n // warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(rows, n)], output_dtypes=[x.dtype])
+    return out.reshape(*x.shape[:-1], n)

@@ -37,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_music.models.kernels import add_layer_norm, cuda_kernels_enabled, decode_attention
+from mlx_music.models.kernels import add_layer_norm, cuda_kernels_enabled, decode_attention, linear
 
 
 @dataclass
@@ -245,6 +245,8 @@ def _linear(m: nn.Module, x: mx.array) -> mx.array:
     (re-reading the weights per row once B >= 8); as (B, in) it is one product of B rows. With
     `DENSE_ROWS_CUDA` rows or more, a layer that has a `_DenseCopy` multiplies by that instead.
     """
+    if type(m) is nn.Linear:  # the opt-in small-row GEMV on CUDA, else m(x) (`kernels.linear`)
+        return linear(x, m.weight, m.get("bias"))
     if not isinstance(m, nn.QuantizedLinear):
         return m(x)
     flat = x.reshape(-1, x.shape[-1])
