@@ -16,6 +16,7 @@ from mlx_music.runtime.adapters import AdapterError, load_adapter
 from mlx_music.runtime.batch_job import read_prompts
 from mlx_music.runtime.checkpoint import CheckpointError, verify_checkpoint
 from mlx_music.runtime.records import loads_json
+from mlx_music.train.data import DataError, read_folder
 
 DEEP = "[" * 100_000
 
@@ -77,3 +78,10 @@ def test_adapter_configs(tmp_path):
     with pytest.raises(ConvertError) as e:
         read_peft_adapter(peft)
     _one_line(e.value, peft / "adapter_config.json")
+
+
+def test_training_metadata(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text(DEEP + "\n")
+    with pytest.raises(DataError) as e:
+        read_folder(tmp_path)
+    _one_line(e.value, tmp_path / "metadata.jsonl")

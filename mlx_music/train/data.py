@@ -31,7 +31,7 @@ import numpy as np
 
 from mlx_music.runtime.audio_io import AudioInputError, read_audio, resample, to_channels
 from mlx_music.runtime.checksums import sha256_file
-from mlx_music.runtime.records import csv_records, jsonl_lines
+from mlx_music.runtime.records import csv_records, jsonl_lines, loads_json
 
 CAPTION_COLUMNS = ("text", "description", "caption")
 METADATA = ("metadata.jsonl", "metadata.csv")
@@ -87,7 +87,7 @@ def _read_rows(folder: Path) -> tuple[Path, list[dict]]:
     if path.suffix == ".jsonl":
         for n, line in jsonl_lines(text):  # lines end at \n only: captions may hold U+2028
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except ValueError as e:
                 raise DataError(f"{path}: line {n}: not valid JSON ({' '.join(str(e).split())})") from None
             if not isinstance(row, dict):

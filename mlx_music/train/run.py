@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_music.runtime.records import loads_json
 from mlx_music.runtime.sampling import check_seed
 from mlx_music.train.data import DataError, DataSettings, collate, prepare, read_folder
 from mlx_music.train.export import save_adapters
@@ -234,7 +235,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
 
     state = None
     if opts.resume:
-        state = json.loads((out / CHECKPOINT / "state.json").read_text())
+        state = loads_json((out / CHECKPOINT / "state.json").read_text())
         if state["base"] != base_id:
             raise ValueError(f"--resume: --model {opts.model} is not the base this run was trained on")
         if state["options"] != opts.identity():
@@ -354,7 +355,7 @@ def _metric_rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").split("\n"):
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
