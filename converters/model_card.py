@@ -148,3 +148,41 @@ def render_model_card(config: dict[str, Any], record: dict[str, Any], *, repo_id
         body += ["", "## License", "",
                  f"The weights keep the license of the original model: `{record['license']}`."]
     return str(ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body) + "\n"))
+
+
+# -- LoRA adapters (the output folder of `mlx-music train`) ---------------------------------------
+
+# Where the adapter and its base will live is unknown when training writes the card;
+# converters/publish.py replaces these with the repo id and the base model's Hub id.
+ADAPTER_PLACEHOLDER = "THIS_FOLDER"
+BASE_PLACEHOLDER = "BASE"
+
+
+def _target_name(module: str) -> str:
+    """decoder.layers.0.self_attn.q_proj -> q_proj; decoder.lm_heads.2 -> lm_heads."""
+    parts = module.split(".")
+    return parts[-2] if parts[-1].isdigit() else parts[-1]
+
+
+def render_adapter_card(*, base_model: str | None, info: dict[str, Any], modules: list[str], rank: int,
+                        alpha: float) -> str:
+    """README.md text for a LoRA adapter trained by `mlx-music train`: base model, data size
+    (training / held-out / dropped pieces, seconds of audio), steps, last train and validation loss,
+    LoRA settings, and usage with ADAPTER_PLACEHOLDER / BASE_PLACEHOLDER for the adapter's and the
+    base's locations. `info`: adapter_config.json's "training" object (train_pieces, train_seconds,
+    val_pieces, dropped_pieces, step, loss, val_loss); `modules`: MLX module paths adapted."""
+    base = base_model or "unknown"
+    front = ["---", "library_name: peft"] + ([f"base_model: {base_model}"] if base_model else []) + \
+        ["tags:", "- mlx-music", "- musicgen", "- lora", "---"]
+    body = [f"# LoRA adapter for {base}", "", "Trained with `mlx-music train` (LoRA on MLX).", "",
+            "| | |", "|---|---|", f"| base model | {base} |",
+            f"| data | {info.get('train_pieces')} training pieces ({info.get('train_seconds')} s of audio), "
+            f"{info.get('val_pieces')} held out, {info.get('dropped_pieces')} short pieces dropped |",
+            f"| steps | {info.get('step')} |", f"| train loss (last step) | {info.get('loss')} |",
+            f"| validation loss (last) | {info.get('val_loss')} |",
+            f"| LoRA | rank {rank}, alpha {alpha:g}, {', '.join(sorted({_target_name(m) for m in modules}))} |", "",
+            f"MLX: `mlx-music generate --model {BASE_PLACEHOLDER} --adapter {ADAPTER_PLACEHOLDER} "
+            "--prompt \"...\"`.", "",
+            "transformers + peft: `PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained("
+            f"{BASE_PLACEHOLDER}), \"{ADAPTER_PLACEHOLDER}/peft\")`.", ""]
+    return "\n".join(front + [""] + body)

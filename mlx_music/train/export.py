@@ -28,6 +28,7 @@ import numpy as np
 
 from mlx_music.converters.adapters import _mlx_module
 from mlx_music.converters.manifest import custom_manifest
+from mlx_music.converters.model_card import render_adapter_card
 from mlx_music.runtime import adapters as rt
 from mlx_music.runtime.checkpoint import RECORD
 from mlx_music.runtime.checksums import sha256_file
@@ -130,29 +131,11 @@ def save_adapters(out: Path, factors: dict[str, tuple[mx.array, mx.array]], *, r
         write_model_card(out, base_model=base_model, info=info, modules=names, rank=rank, alpha=alpha)
 
 
-def _target_name(module: str) -> str:
-    """decoder.layers.0.self_attn.q_proj -> q_proj; decoder.lm_heads.2 -> lm_heads."""
-    parts = module.split(".")
-    return parts[-2] if parts[-1].isdigit() else parts[-1]
-
-
 def write_model_card(out: Path, *, base_model: str | None, info: dict, modules: list[str], rank: int,
                      alpha: float) -> None:
     """out/README.md: what the adapter is (base model, data size, steps, losses) and how to use it."""
-    base = base_model or "unknown"
-    front = ["---", "library_name: peft"] + ([f"base_model: {base_model}"] if base_model else []) + \
-        ["tags:", "- mlx-music", "- musicgen", "- lora", "---"]
-    body = [f"# LoRA adapter for {base}", "", "Trained with `mlx-music train` (LoRA on MLX).", "",
-            "| | |", "|---|---|", f"| base model | {base} |",
-            f"| data | {info.get('train_pieces')} training pieces ({info.get('train_seconds')} s of audio), "
-            f"{info.get('val_pieces')} held out, {info.get('dropped_pieces')} short pieces dropped |",
-            f"| steps | {info.get('step')} |", f"| train loss (last step) | {info.get('loss')} |",
-            f"| validation loss (last) | {info.get('val_loss')} |",
-            f"| LoRA | rank {rank}, alpha {alpha:g}, {', '.join(sorted({_target_name(m) for m in modules}))} |", "",
-            "MLX: `mlx-music generate --model BASE --adapter THIS_FOLDER --prompt \"...\"`.", "",
-            "transformers + peft: `PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained(BASE), "
-            "\"THIS_FOLDER/peft\")`.", ""]
-    _atomic_write(out / "README.md", lambda p: p.write_text("\n".join(front + [""] + body), encoding="utf-8"))
+    text = render_adapter_card(base_model=base_model, info=info, modules=modules, rank=rank, alpha=alpha)
+    _atomic_write(out / "README.md", lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def as_numpy(factors: dict[str, tuple[mx.array, mx.array]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
