@@ -514,19 +514,22 @@ def parity(hf_path, mlx_path, reference_mlx_path, continue_from, sequences, leng
 
 @main.command()
 @click.argument("folder", type=click.Path())
-@click.option("--repo", required=True, help="Hub repo id to upload to (org/name).")
+@click.option("--repo", "--repo-id", "repo", required=True, help="Hub repo id to upload to (org/name).")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
 @click.option("--revision", default=None, help="Branch to upload to.")
 @click.option("--message", default=None, help="Commit message.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@click.option("--base-model", default=None,
+              help="Adapter folder: Hub id of the model it was trained on, when train's --model was a local folder.")
 @friendly_errors
-def publish(folder, repo, private, dry_run, revision, message, token):
-    """Upload a converted MLX checkpoint folder to the Hugging Face hub."""
+def publish(folder, repo, private, dry_run, revision, message, token, base_model):
+    """Upload a converted MLX checkpoint folder, or a `train` adapter folder (MLX + PEFT adapter and
+    model card), to the Hugging Face hub in one commit."""
     from mlx_music.converters.publish import publish as do_publish
 
     files = do_publish(folder, repo, private=private, dry_run=dry_run, revision=revision, commit_message=message,
-                       token=token, log=click.echo)  # publish() lists each file with its size
+                       token=token, log=click.echo, base_model=base_model)  # lists each file with its size
     if dry_run:
         click.echo(f"dry run: would upload {len(files)} files to {repo}; nothing uploaded")
     else:
