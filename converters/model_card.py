@@ -164,6 +164,14 @@ def _target_name(module: str) -> str:
     return parts[-2] if parts[-1].isdigit() else parts[-1]
 
 
+def adapter_card_data(base_model: str | None) -> ModelCardData:
+    """Hub metadata of an adapter repo: library mlx (the repo's top is the MLX adapter; the PEFT
+    copy is in peft/), its base model, relation "adapter"."""
+    return ModelCardData(library_name="mlx", base_model=base_model or None,
+                         base_model_relation="adapter" if base_model else None, pipeline_tag="text-to-audio",
+                         tags=["mlx", "mlx-music", "musicgen", "lora", "peft"])
+
+
 def render_adapter_card(*, base_model: str | None, info: dict[str, Any], modules: list[str], rank: int,
                         alpha: float) -> str:
     """README.md text for a LoRA adapter trained by `mlx-music train`: base model, data size
@@ -172,8 +180,7 @@ def render_adapter_card(*, base_model: str | None, info: dict[str, Any], modules
     base's locations. `info`: adapter_config.json's "training" object (train_pieces, train_seconds,
     val_pieces, dropped_pieces, step, loss, val_loss); `modules`: MLX module paths adapted."""
     base = base_model or "unknown"
-    front = ["---", "library_name: peft"] + ([f"base_model: {base_model}"] if base_model else []) + \
-        ["tags:", "- mlx-music", "- musicgen", "- lora", "---"]
+    front = ["---", adapter_card_data(base_model).to_yaml(), "---"]
     body = [f"# LoRA adapter for {base}", "", "Trained with `mlx-music train` (LoRA on MLX).", "",
             "| | |", "|---|---|", f"| base model | {base} |",
             f"| data | {info.get('train_pieces')} training pieces ({info.get('train_seconds')} s of audio), "

@@ -26,7 +26,8 @@ from mlx_music.runtime.checkpoint import RECORD, CheckpointError, verify_checkpo
 from mlx_music.runtime.checksums import sha256_file
 from mlx_music.runtime.records import loads_json
 
-from .model_card import ADAPTER_PLACEHOLDER, BASE_PLACEHOLDER, REPO_PLACEHOLDER, render_adapter_card
+from .model_card import (ADAPTER_PLACEHOLDER, BASE_PLACEHOLDER, REPO_PLACEHOLDER, adapter_card_data,
+                         render_adapter_card)
 
 PEFT_DIR = "peft"  # where `mlx-music train` writes the PEFT copy of the adapter
 
@@ -146,7 +147,7 @@ def _json_bytes(data: dict) -> bytes:
 def _adapter_card(folder: Path, config: dict, base: str, repo_id: str) -> bytes:
     """The train run's README.md (or one rendered from adapter_config.json's metadata when there is
     none) with the adapter's and the base's real locations filled in and `base` as its base_model."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     info = config.get("training") if isinstance(config.get("training"), dict) else {}
     readme = folder / "README.md"
@@ -170,8 +171,11 @@ def _adapter_card(folder: Path, config: dict, base: str, repo_id: str) -> bytes:
             .replace(f"--model {BASE_PLACEHOLDER} ", f"--model {base} ")
             .replace(ADAPTER_PLACEHOLDER, repo_id))
     card = ModelCard(text)
-    if card.data.base_model != base:
-        card.data.base_model = base
+    want = adapter_card_data(base).to_dict()
+    have = card.data.to_dict()
+    if any(have.get(k) != v for k, v in want.items()):  # a card from before, or edited: the Hub metadata fixed
+        card.data = ModelCardData(**{**have, **want, "tags": list(dict.fromkeys([*want["tags"],
+                                                                                 *(have.get("tags") or [])]))})
         text = str(card)
     return text.encode("utf-8")
 
