@@ -15,6 +15,7 @@ import mlx_music  # noqa: F401  (before mlx.core: binds MKL)
 import mlx.core as mx
 import numpy as np
 import pytest
+import soundfile as sf
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
@@ -155,6 +156,16 @@ def test_upload_one_commit_then_load_back(run, model, fake_hub, tmp_path, monkey
     a = hub_pipe.generate(["a pure tone at 440 Hz, note A4"], duration=0.2, seed=3, progress=False).audio[0]
     b = local_pipe.generate(["a pure tone at 440 Hz, note A4"], duration=0.2, seed=3, progress=False).audio[0]
     assert np.array_equal(np.array(a), np.array(b))
+    # The command line takes the repo id too, and writes what the local folder gives.
+    wavs = {}
+    for name, adapter in (("hub", REPO), ("local", str(run))):
+        wavs[name] = tmp_path / f"{name}.wav"
+        res = CliRunner().invoke(main, ["generate", "--model", str(model), "--adapter", adapter, "--prompt",
+                                        "a pure tone at 440 Hz, note A4", "--duration", "0.2", "--seed", "3",
+                                        "--out", str(wavs[name]), "--quiet"])
+        assert res.exit_code == 0, res.output
+    hub_wav, local_wav = (sf.read(wavs[n])[0] for n in ("hub", "local"))
+    assert hub_wav.shape[0] == 6400 and np.array_equal(hub_wav, local_wav)
 
     snap = snapshot_download(REPO, endpoint=fake_hub.url, cache_dir=str(tmp_path / "cache2"))
     peft_hub, peft_local = read_peft_adapter(f"{snap}/peft"), read_peft_adapter(run / "peft")
