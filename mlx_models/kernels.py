@@ -247,37 +247,37 @@ def decode_attention(q: mx.array, kv: mx.array, visible: mx.array, *, by_limit: 
 GEMV_MAX_ROWS = 32
 
 _GEMV_SOURCE = """
-    // y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]): one warp per output o, all R rows at once,
-    // so the weight row is read once; lane l reads V consecutive elements per 32*V-wide stripe.
+    // y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]): one warp per output o, all NROWS rows at once,
+    // so the weight row is read once; lane l reads VEC consecutive elements per 32*VEC-wide stripe.
     const int N = w_shape[0];
     const int K = w_shape[1];
     const int lane = threadIdx.x & 31;
     const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= N) return;  // whole warps leave together; no block-wide barrier below
-    float acc[R];
+    float acc[NROWS];
     #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int r = 0; r < NROWS; ++r) acc[r] = 0.f;
     const T* wr = w + (size_t)o * K;
-    for (int k = lane * V; k < K; k += 32 * V) {
-        float wv[V];
+    for (int k = lane * VEC; k < K; k += 32 * VEC) {
+        float wv[VEC];
         #pragma unroll
-        for (int e = 0; e < V; ++e) wv[e] = static_cast<float>(wr[k + e]);
+        for (int e = 0; e < VEC; ++e) wv[e] = static_cast<float>(wr[k + e]);
         #pragma unroll
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < NROWS; ++r) {
             const T* xr = x + (size_t)r * K + k;
             #pragma unroll
-            for (int e = 0; e < V; ++e) acc[r] += wv[e] * static_cast<float>(xr[e]);
+            for (int e = 0; e < VEC; ++e) acc[r] += wv[e] * static_cast<float>(xr[e]);
         }
     }
     #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < NROWS; ++r) {
         float s = acc[r];
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
         acc[r] = s;  // every lane holds the sum
     }
     #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < NROWS; ++r) {
         if (lane == r) {
             float y = acc[r];
             /*BIAS*/
@@ -324,7 +324,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     warps = 8
     inputs = [x.reshape(rows, k), weight] + ([bias] if bias is not None else [])
     (out,) = _gemv_kernel(bias is not None)(
-        inputs=inputs, template=[("T", x.dtype), ("R", rows), ("V", vec)],
+        inputs=inputs, template=[("T", x.dtype), ("NROWS", rows), ("VEC", vec)],
         grid=(-(-n // warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
         output_shapes=[(rows, n)], output_dtypes=[x.dtype])
     return out.reshape(*x.shape[:-1], n)
