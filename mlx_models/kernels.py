@@ -238,7 +238,8 @@ def decode_attention(q: mx.array, kv: mx.array, visible: mx.array, *, by_limit: 
 
 
 # --------------------------------------------------------------------------- small-row GEMV
-# UNVALIDATED: written without a GPU (2026-12-05) and never compiled or timed; OFF unless
+# UNVALIDATED: written without a GPU (2026-12-05); compiled (nvcc 13.0, sm_90, in a copy of the
+# signature MLX generates) but never run or timed; OFF unless
 # MLX_MUSIC_GEMV=1 (and only on CUDA, and MLX_MUSIC_KERNELS=0 overrides it). benchmarks/gpu_check.py
 # checks it against the plain matmul and benchmarks/h200_run.sh times it only after that check
 # passed; switch it on by default only once RESULTS.md shows it correct and faster.
