@@ -30,6 +30,8 @@
 #   call 3:                     R3_CONFIGS=medium bash benchmarks/h200_run.sh r3-mlx
 #   call 4:                     R3_CONFIGS=large bash benchmarks/h200_run.sh r3-mlx r3-train
 #   call 5 (carry .device/ac):  bash benchmarks/h200_run.sh ac-setup r3-magnet
+#   Estimates (round 2 ran 3 models' MLX modes per 10-min call): call 2 ~8 min, 3 ~4, 4 ~7, 5 ~6. Each call
+#   under timeout_s=600. Short of device time: PRIM_SIZES=small, REPS=1, then drop call 5, then r3-train.
 # Every phase prints its wall time; results go to $OUT/<phase>.json and $OUT/*.txt.
 # CPU rehearsal of everything but the CUDA-only parts (tiny shapes, a few steps, minutes):
 #   DRY=1 bash benchmarks/h200_run.sh r3-check r3-prims r3-mlx r3-train r3-magnet
@@ -43,16 +45,18 @@
 #   .device/ac: audiocraft 1.3.0 (an sdist on PyPI: built to a wheel here) and the pure-python packages its
 #   MAGNeT path imports that the device image lacks (torch, torchaudio, transformers, einops, numba,
 #   sentencepiece, torchmetrics, scikit-learn are there; xformers, spacy, demucs are tests/audiocraft_shims.py's):
-#     pip wheel --no-deps -w .device/ac audiocraft==1.3.0
-#     pip download --no-deps -d .device/ac omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 julius==0.2.8 \
-#       flashy==0.0.2 dora-search==0.1.13 colorlog==6.12.0 treetable==0.2.6 retrying==1.4.2 submitit==1.5.4 \
-#       num2words==0.5.14 docopt==0.6.2 librosa==0.11.0 audioread==3.1.0 pooch==1.9.0 platformdirs==4.14.9 \
-#       decorator==5.2.1
+#     pip wheel --no-deps -w .device/ac audiocraft==1.3.0 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 \
+#       julius==0.2.8 flashy==0.0.2 dora-search==0.1.13 colorlog==6.12.0 treetable==0.2.6 retrying==1.4.2 \
+#       submitit==1.5.4 num2words==0.5.14 docopt==0.6.2 librosa==0.11.0 audioread==3.1.0 pooch==1.9.0 \
+#       platformdirs==4.14.9 decorator==5.2.1
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .device/ac av==18.1.0
 #   (the versions are /tmp/acvenv's, where bench_magnet.py's audiocraft side runs on CPU; soundfile and
-#   soxr come with .device/p2; docopt and treetable are sdists: `pip wheel --no-deps` them the same way)
+#   soxr come with .device/p2). Checked here on 2026-12-05: 36 MB in all (av 34 MB); installed with
+#   `pip install --no-deps --target` next to einops, numba, llvmlite, lazy-loader, joblib, msgpack,
+#   torchmetrics and lightning-utilities (all in the device image), `from audiocraft.models import MAGNeT`
+#   imports (with tests/audiocraft_shims.py).
 set -u
 export PYTHONPATH=/root/pylib:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
