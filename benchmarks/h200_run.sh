@@ -37,11 +37,18 @@
 #   DRY=1 bash benchmarks/h200_run.sh r3-check r3-prims r3-mlx r3-train r3-magnet
 #
 # What the calls carry (prepare here, in the repo root; .device/ is git-ignored; 64 MiB a call):
-#   .device/p1/part.aa, .device/p2/part.ab: the MLX CUDA wheel, split (`split -b 60M`), plus in .device/p2:
+#   .device/p1/part.aa, .device/p2/part.ab: the MLX CUDA wheel (mlx-cuda-13 0.32.4, 89.8 MB; its nvidia-*
+#   cu13 dependencies are in the device image), split with `split -b 45M` (the tracked tree, ~9 MB, travels
+#   too: 60M parts went over the limit), plus in .device/p2 mlx itself, soundfile and soxr:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .device/p2 mlx==0.32.4 soundfile==0.14.0 soxr==1.1.0
-#     (mlx-cuda-13==0.32.4 into a scratch folder first, then split into the two parts)
+#       --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d /tmp/mlxcuda mlx==0.32.4 mlx-cuda-13==0.32.4 soundfile==0.14.0 soxr==1.1.0
+#     (cd /tmp/mlxcuda && split -b 45M mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl part.)
+#     mv /tmp/mlxcuda/part.aa .device/p1/; mv /tmp/mlxcuda/part.ab .device/p2/
+#     cp /tmp/mlxcuda/mlx-0.32.4-*.whl /tmp/mlxcuda/soundfile-*.whl /tmp/mlxcuda/soxr-*.whl .device/p2/
+#   Prepared in /work/main/.device on 2026-12-05 (p1 47 MB, p2 45 MB, ac 37 MB; the joined wheel's
+#   sha256 94cb48fb...6732bee); setup checks it.
 #   .device/ac: audiocraft 1.3.0 (an sdist on PyPI: built to a wheel here) and the pure-python packages its
 #   MAGNeT path imports that the device image lacks (torch, torchaudio, transformers, einops, numba,
 #   sentencepiece, torchmetrics, scikit-learn are there; xformers, spacy, demucs are tests/audiocraft_shims.py's):
@@ -97,6 +104,7 @@ stage)
   python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())";;
 setup)
   cat /root/part.aa .device/p2/part.ab > /root/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+  sha256sum /root/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl  # 94cb48fba73e5ee3... (PyPI's)
   pip install -q --no-deps --target /root/pylib /root/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl \
     .device/p2/*.whl 2>&1 | grep -v WARNING
   python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())";;
