@@ -316,16 +316,16 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
                   default=False)
     if n_q % channels:
         raise ManifestError(f"{xp.source}: xp.cfg transformer_lm.n_q = {n_q}: not a multiple of channels {channels}")
-    if magnet:
-        return _magnet_lm(xp, read_magnet_settings(xp, n_q, channels), dim, heads, layers, n_q, card, hidden_scale)
-    xp.expect("codebooks_pattern.modeling", "delay", "MusicGen's delay pattern only")
-    delays = xp.get("codebooks_pattern.delay.delays", _MISSING)
-    want = [q // channels for q in range(n_q)]
-    if delays != want:
-        raise ManifestError(f"{xp.source}: xp.cfg codebooks_pattern.delay.delays = {delays!r}: expected {want} "
-                            f"for {n_q} codebooks and {channels} channel(s)")
-    xp.expect("codebooks_pattern.delay.flatten_first", 0, "no flattened codebooks", default=0)
-    xp.expect("codebooks_pattern.delay.empty_initial", 0, "no empty initial steps", default=0)
+    magnet_settings = read_magnet_settings(xp, n_q, channels) if magnet else None
+    if not magnet:
+        xp.expect("codebooks_pattern.modeling", "delay", "MusicGen's delay pattern only")
+        delays = xp.get("codebooks_pattern.delay.delays", _MISSING)
+        want = [q // channels for q in range(n_q)]
+        if delays != want:
+            raise ManifestError(f"{xp.source}: xp.cfg codebooks_pattern.delay.delays = {delays!r}: expected {want} "
+                                f"for {n_q} codebooks and {channels} channel(s)")
+        xp.expect("codebooks_pattern.delay.flatten_first", 0, "no flattened codebooks", default=0)
+        xp.expect("codebooks_pattern.delay.empty_initial", 0, "no empty initial steps", default=0)
 
     # audiocraft's get_condition_fuser reads all four lists: none has a default
     cross, prepend = xp.get("fuser.cross"), xp.get("fuser.prepend")
@@ -340,6 +340,9 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
         raise ManifestError(f"{xp.source}: xp.cfg fuser cross = {cross!r}, prepend = {prepend!r} is not supported "
                             "(expected cross [description] for text models, or prepend [self_wav, description] "
                             "for melody models)")
+    if melody and magnet:
+        raise ManifestError(f"{xp.source}: xp.cfg fuser prepend = {prepend!r} is not supported for MAGNeT "
+                            "(text by cross-attention only: cross [description], prepend [])")
     conds = xp.get("conditioners", {}) or {}
     expected_conds = {"description", "self_wav"} if melody else {"description"}
     if set(conds) != expected_conds:
@@ -366,10 +369,13 @@ def read_lm_settings(xp: XpConfig) -> LmSettings:
                   "preprocessor": {"n_fft": n_fft, "hop_length": hop, "sampling_rate": chroma_sr,
                                    "chunk_length": segment}}
     decoder = _hf_decoder(card, dim, layers, heads, hidden_scale, n_q, channels)
-    return LmSettings(melody, t5_name, decoder, channels, sample_rate, segment, chroma,
-                      {"dim": dim, "num_heads": heads, "num_layers": layers, "n_q": n_q, "card": card,
-                       "fuser": "prepend" if melody else "cross", "t5": t5_name, "channels": channels,
-                       "segment_duration": segment})
+    fields = {"dim": dim, "num_heads": heads, "num_layers": layers, "n_q": n_q, "card": card,
+              "fuser": "prepend" if melody else "cross", "t5": t5_name, "channels": channels,
+              "segment_duration": segment}
+    if magnet_settings:
+        fields.update(lm_model=lm_model, **magnet_settings)
+        magnet_settings = {**magnet_settings, "segment_duration": segment}
+    return LmSettings(melody, t5_name, decoder, channels, sample_rate, segment, chroma, fields, magnet_settings)
 
 
 def _hf_decoder(card: int, dim: int, layers: int, heads: int, hidden_scale: float, n_q: int, channels: int) -> dict:
@@ -394,32 +400,6 @@ def read_magnet_settings(xp: XpConfig, n_q: int, channels: int) -> dict:
     if span < 1:
         raise ManifestError(f"{xp.source}: xp.cfg masking.span_len = {span}: expected >= 1")
     return {"subcodes_context": context, "span_len": span}
-
-
-def _magnet_lm(xp: XpConfig, magnet: dict, dim: int, heads: int, layers: int, n_q: int, card: int,
-               hidden_scale: float) -> LmSettings:
-    """LmSettings of a MAGNeT LM: text by cross-attention only (no melody MAGNeT exists)."""
-    cross, prepend = xp.get("fuser.cross"), xp.get("fuser.prepend")  # no default in audiocraft
-    for key in ("sum", "input_interpolate"):
-        xp.expect(f"fuser.{key}", [], "MAGNeT fuses text by cross-attention only")
-    xp.expect("fuser.cross_attention_pos_emb", False, "cross-attention without positions", default=False)
-    if cross != ["description"] or prepend != []:
-        raise ManifestError(f"{xp.source}: xp.cfg fuser cross = {cross!r}, prepend = {prepend!r} is not supported "
-                            "for MAGNeT (expected cross [description], prepend [])")
-    conds = xp.get("conditioners", {}) or {}
-    if set(conds) != {"description"}:
-        raise ManifestError(f"{xp.source}: xp.cfg conditioners = {sorted(conds)}: expected ['description']")
-    xp.expect("conditioners.description.model", "t5", "T5 text conditioning only")
-    t5_name = xp.typed("conditioners.description.t5.name", str)
-    xp.expect("conditioners.description.t5.normalize_text", False, "prompts are used as given", default=False)
-    sample_rate = xp.typed("sample_rate", int)
-    segment = float(xp.typed("dataset.segment_duration", (int, float)))
-    decoder = _hf_decoder(card, dim, layers, heads, hidden_scale, n_q, 1)
-    return LmSettings(False, t5_name, decoder, 1, sample_rate, segment, None,
-                      {"dim": dim, "num_heads": heads, "num_layers": layers, "n_q": n_q, "card": card,
-                       "fuser": "cross", "t5": t5_name, "channels": 1, "segment_duration": segment,
-                       "lm_model": "transformer_lm_magnet", **magnet},
-                      {**magnet, "segment_duration": segment})
 
 
 def codec_config_from_package(xp: XpConfig) -> dict:
