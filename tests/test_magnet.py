@@ -18,43 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+# the audiocraft-format tests' helpers: the offline test HF cache (autouse), the CLI, converted fixtures
+from tests.test_audiocraft import _test_hub_cache, cli, converted  # noqa: F401
+
 DATA = Path(__file__).parent / "data" / "audiocraft"
 KINDS = ("magnet", "magnet-audio")
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _test_hub_cache(monkeypatch):
-    """t5-base, t5-large and facebook/encodec_32khz resolve offline from the committed test cache."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(DATA / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def cli(*args: str):
-    from mlx_music.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("magnet")
-    cache: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in cache:
-            mp = pytest.MonkeyPatch()
-            mp.setenv("HF_HUB_CACHE", str(DATA / "hf-cache"))
-            mp.setenv("HF_HUB_OFFLINE", "1")
-            try:
-                r = cli("convert", "--hf-path", str(DATA / kind), "--mlx-path", str(root / kind), "--quiet")
-            finally:
-                mp.undo()
-            assert r.exit_code == 0, r.output + r.stderr
-            cache[kind] = root / kind
-        return cache[kind]
-
-    return get
 
 
 @pytest.fixture(scope="module")
