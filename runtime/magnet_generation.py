@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_music.runtime.sampling import RowSampling, SamplingConfig, filtered_logits, row_keys, select_tokens
+from mlx_music.runtime.sampling import RowSampling, SamplingConfig, check_number, filtered_logits, row_keys, select_tokens
 
 # audiocraft's MAGNeT.set_generation_params defaults (the same for all six released models).
 # config.json "generation" of a MAGNeT checkpoint holds these plus decoding_steps and max_duration.
@@ -99,17 +99,12 @@ class MagnetSampling:
         return cls(**values).validate()
 
     def validate(self) -> "MagnetSampling":
-        def number(name: str, v: Any, ok, expected: str) -> None:
-            good = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-            if not (good and math.isfinite(float(v)) and ok(float(v))):
-                raise ValueError(f"{name} {v!r}: must be {expected}")
-
         # the temperature also shapes the confidences greedy decoding re-masks by, so it stays >= 0
-        number("temperature", self.temperature, lambda v: v >= 0, ">= 0 (the initial temperature, annealed to 0)")
-        number("top_k", self.top_k, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 turns top-k off)")
-        number("top_p", self.top_p, lambda v: 0 <= v <= 1, "in (0, 1], or 0 to turn it off")
-        number("max_cfg_coef", self.max_cfg_coef, lambda v: v >= 0, ">= 0")
-        number("min_cfg_coef", self.min_cfg_coef, lambda v: v >= 0, ">= 0")
+        check_number("temperature", self.temperature, lambda v: v >= 0, ">= 0 (the initial temperature, annealed to 0)")
+        check_number("top_k", self.top_k, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 turns top-k off)")
+        check_number("top_p", self.top_p, lambda v: 0 <= v <= 1, "in (0, 1], or 0 to turn it off")
+        check_number("max_cfg_coef", self.max_cfg_coef, lambda v: v >= 0, ">= 0")
+        check_number("min_cfg_coef", self.min_cfg_coef, lambda v: v >= 0, ">= 0")
         if self.span_arrangement not in SPAN_ARRANGEMENTS:
             raise ValueError(f"span_arrangement {self.span_arrangement!r}: must be one of {', '.join(SPAN_ARRANGEMENTS)}")
         return replace(self, top_k=int(self.top_k), greedy=bool(self.greedy), temperature=float(self.temperature))

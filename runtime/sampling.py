@@ -63,6 +63,14 @@ def random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
+def check_number(name: str, v: Any, ok: Callable[[float], bool], expected: str) -> None:
+    """A setting must be a finite real number (not a bool) for which ``ok`` holds; else ValueError
+    ``"<name> <value>: must be <expected>"``."""
+    number = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+    if not (number and math.isfinite(float(v)) and ok(float(v))):
+        raise ValueError(f"{name} {v!r}: must be {expected}")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Sampling settings of one row. ``top_k=0`` and ``top_p=0`` turn those filters off."""
@@ -87,16 +95,11 @@ class SamplingConfig:
         return cls(**values).validate()
 
     def validate(self) -> "SamplingConfig":
-        def check(name: str, v: Any, ok: Callable[[float], bool], expected: str) -> None:
-            number = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-            if not (number and math.isfinite(float(v)) and ok(float(v))):
-                raise ValueError(f"{name} {v!r}: must be {expected}")
-
-        check("guidance_scale", self.guidance_scale, lambda v: v >= 0, ">= 0 (1 turns guidance off)")
+        check_number("guidance_scale", self.guidance_scale, lambda v: v >= 0, ">= 0 (1 turns guidance off)")
         if not self.greedy:
-            check("temperature", self.temperature, lambda v: v > 0, "> 0 (use greedy for argmax decoding)")
-        check("top_k", self.top_k, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 turns top-k off)")
-        check("top_p", self.top_p, lambda v: 0 <= v <= 1, "in (0, 1], or 0 to turn it off")
+            check_number("temperature", self.temperature, lambda v: v > 0, "> 0 (use greedy for argmax decoding)")
+        check_number("top_k", self.top_k, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 turns top-k off)")
+        check_number("top_p", self.top_p, lambda v: 0 <= v <= 1, "in (0, 1], or 0 to turn it off")
         return replace(self, top_k=int(self.top_k), greedy=bool(self.greedy))
 
     @property
