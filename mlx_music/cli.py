@@ -320,7 +320,11 @@ def _as_flags(e: ValueError) -> ValueError:
     name = out.split(" ", 1)[0].rstrip(":")
     if name in _FLAGS:
         out = _FLAGS[name] + out[len(name):]
-        out = re.sub(r"\(use (\w+)", lambda m: f"(use {_FLAGS.get(m.group(1), m.group(1))}", out)
+        # "(use a and b ...)": its first word, and every snake_case parameter after it (plain words
+        # such as "variant" in "(use a musicgen-melody variant)" stay words).
+        out = re.sub(r"\(use (\w+)([^)]*)", lambda m: "(use " + _FLAGS.get(m.group(1), m.group(1)) + re.sub(
+            r"(?<![\w/.-])[a-z]+(?:_[a-z]+)+(?![\w/.-])", lambda w: _FLAGS.get(w.group(0), w.group(0)),
+            m.group(2)), out)
     return e if out == msg else ValueError(out)
 
 

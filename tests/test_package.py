@@ -176,3 +176,22 @@ def test_api_errors_name_parameters_and_the_cli_names_flags(tmp_path):
                 line = path.read_text()[m.start():].splitlines()[0]
                 found.append(f"{path.relative_to(ROOT)}: {line.strip()[:100]}")
     assert found == []
+
+
+def test_cli_use_hint_names_a_flag_for_every_parameter():
+    """An API hint "(use a and b instead)" becomes "(use --a and --b instead)" on the command line,
+    every parameter of it, not only the first; plain words in a hint stay words."""
+    from mlx_music.cli import _as_flags
+    from mlx_music.runtime.magnet_generation import MagnetSampling
+
+    try:
+        MagnetSampling.from_defaults({}, 4, guidance_scale=3.0)
+        raise AssertionError("MAGNeT took guidance_scale")
+    except ValueError as e:
+        api = str(e)
+    assert api.startswith("guidance_scale: ") and api.endswith("(use max_cfg_coef and min_cfg_coef instead)")
+    cli = str(_as_flags(ValueError(api)))
+    assert cli.startswith("--guidance: ") and cli.endswith("(use --max-cfg-coef and --min-cfg-coef instead)")
+    assert str(_as_flags(ValueError("variant x: no chroma (use a musicgen-melody variant)"))) == \
+        "--variant x: no chroma (use a musicgen-melody variant)"
+    assert str(_as_flags(ValueError("top_k 5: off (use top_p 0 with it)"))) == "--top-k 5: off (use --top-p 0 with it)"
