@@ -837,7 +837,11 @@ def _apply_adapter(hf, pipe, folder: Path, adapter: str):
     except ImportError:
         raise ParityError("adapter: parity with an adapter needs peft (pip install peft)") from None
     try:
-        merged = PeftModel.from_pretrained(hf, str(peft_adapter.folder)).merge_and_unload()
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning since
+        # transformers 5): their matter, not a stray "warning:" line in the user's parity run.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            merged = PeftModel.from_pretrained(hf, str(peft_adapter.folder)).merge_and_unload()
     except Exception as e:  # noqa: BLE001 - peft's own refusal, as one line
         raise ParityError(f"adapter {adapter}: peft cannot apply it ({_one_line(e)})") from None
     try:
