@@ -270,3 +270,42 @@ def test_melody_export_loads_in_peft(tmp_path, tones, mlx_folder, hf_models):
                  decoder_input_ids=torch.tensor(codes.reshape(-1, 10)).long()).logits.numpy()
     ref = ref[:, -10:].reshape(2, 4, 10, -1)  # the logits of the prefix positions come first
     assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_a_real_kill_then_resume_is_bit_identical(tmp_path, tones, mlx_folder):
+    """SIGKILL a `mlx-music train` process once a checkpoint exists, whatever it is doing then
+    (stepping or saving), and `--resume`: the adapter equals an uninterrupted run's bit for bit.
+    Every run is a fresh process (MKL's results depend on the process's thread settings)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = mlx_folder("mono")
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "mlx_music.cli", "train", str(tones), "--model", str(base), "--out", str(out),
+                "--steps", "10", "--batch-size", "2", "--rank", "4", "--lr", "5e-3", "--segment", "1",
+                "--min-seconds", "0.5", "--val-fraction", "0.2", "--val-every", "5", "--save-every", "1",
+                "--seed", "3", *extra]
+
+    env = dict(os.environ)
+    subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True, env=env, timeout=600)
+    state = tmp_path / "cut" / "checkpoint" / "state.json"
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 3 <= killed_at < 10, killed_at  # killed mid-run, not after the end
+    done = subprocess.run(cmd(tmp_path / "cut", "--resume"), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = factors(tmp_path / "whole"), factors(tmp_path / "cut")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
