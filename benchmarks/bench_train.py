@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,22 +31,27 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CACHE = ROOT / "benchmarks" / ".cache" / "train"
 SIZES = {"tiny": {}, "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                                    max_position_embeddings=2048)}
+                                    max_position_embeddings=2048),
+         "medium": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144,
+                        max_position_embeddings=2048)}
+DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 CAPTION = "80s pop with synths"
 
 
-def prepare(size: str) -> Path:
-    """Hub folder + MLX conversion of the random model of `size` (cached under benchmarks/.cache)."""
+def prepare(size: str, dtype: str = "float32") -> Path:
+    """Hub folder + MLX conversion (in ``dtype``, at ``mlx-<dtype>``) of the random model of `size`
+    (cached under benchmarks/.cache)."""
     import tiny_models
 
     from mlx_music.converters.convert import convert_checkpoint
 
     root = CACHE / size
-    if not (root / "mlx" / "conversion.json").is_file():
+    if not (root / f"mlx-{dtype}" / "conversion.json").is_file():
         t0 = time.perf_counter()
-        tiny_models.write_hub_folder(tiny_models.build_model("mono", **SIZES[size]), root / "hf")
-        convert_checkpoint(root / "hf", root / "mlx", dtype="float32", force=True, progress=False)
+        if not (root / "hf" / "config.json").is_file():
+            tiny_models.write_hub_folder(tiny_models.build_model("mono", **SIZES[size]), root / "hf")
+        convert_checkpoint(root / "hf", root / f"mlx-{dtype}", dtype=dtype, force=True, progress=False)
         print(f"[prepare] {size} in {time.perf_counter() - t0:.1f} s", flush=True)
     return root
 
@@ -58,12 +62,12 @@ def batch_arrays(root: Path, batch: int, seconds: float, seed: int = 0) -> dict:
     from mlx_music.runtime.text import TextTokenizer
     from mlx_music.train.loss import build_labels, decoder_inputs
 
-    cfg = json.loads((root / "mlx" / "config.json").read_text())
+    cfg = json.loads((root / "mlx-float32" / "config.json").read_text())
     k, ch, rate = cfg["num_codebooks"], cfg["audio_channels"], cfg["frame_rate"]
     rng = np.random.default_rng(seed)
     codes = [rng.integers(0, 2048, (k, int(seconds * rate))) for _ in range(batch)]
     labels = build_labels(codes, ch, 2048)
-    ids, mask = TextTokenizer(root / "mlx" / "tokenizer.json")([CAPTION] * batch)
+    ids, mask = TextTokenizer(root / "mlx-float32" / "tokenizer.json")([CAPTION] * batch)
     return dict(labels=labels, inputs=decoder_inputs(labels, 2048, 2048), ids=ids, mask=mask)
 
 
@@ -86,7 +90,7 @@ def worker_mlx(root: Path, a) -> dict:
     from mlx_music.train.lora import LoraSettings, apply_lora
     from mlx_music.train.step import OptimSettings, Stepper, make_optimizer
 
-    pipe = load(root / "mlx")
+    pipe = load(root / f"mlx-{a.dtype}")  # float32 LoRA factors over the base in a.dtype
     apply_lora(pipe.model, TARGETS, LoraSettings(rank=16, alpha=16.0))
     b = batch_arrays(root, a.batch_size, a.seconds)
     t5 = pipe.model.text_encoder(mx.array(b["ids"]), mx.array(b["mask"]))
@@ -104,7 +108,7 @@ def worker_torch(root: Path, a) -> dict:
     from transformers import MusicgenForConditionalGeneration
 
     device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    model = MusicgenForConditionalGeneration.from_pretrained(root / "hf", torch_dtype=torch.float32)
+    model = MusicgenForConditionalGeneration.from_pretrained(root / "hf", torch_dtype=getattr(torch, a.dtype))
     model.config.decoder.decoder_start_token_id = 2048  # as the dreambooth script sets it
     model.freeze_audio_encoder()
     model.freeze_text_encoder()
@@ -132,7 +136,7 @@ def worker_torch(root: Path, a) -> dict:
 
 def run_worker(engine: str, size: str, a) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--sizes", size, "--batch-size", str(a.batch_size),
-           "--seconds", str(a.seconds), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+           "--seconds", str(a.seconds), "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", a.dtype]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{engine} worker failed:\n{r.stderr[-3000:]}")
@@ -141,7 +145,9 @@ def run_worker(engine: str, size: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--sizes", default="tiny,small", help=f"comma-separated: {', '.join(SIZES)}")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="base weights (MLX: float32 LoRA factors over them; torch: the whole model in it)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0, help="audio per row")
     ap.add_argument("--steps", type=int, default=5)
@@ -156,7 +162,8 @@ def main() -> None:
         from mlx_music.blas import blas_info
 
         _reset_peak_rss()
-        root = prepare(a.sizes)
+        prepare(a.sizes)  # the float32 folder: tokenizer and config of the batch
+        root = prepare(a.sizes, a.dtype)
         out = (worker_mlx if a.worker == "mlx" else worker_torch)(root, a)
         out["peak_rss_gb"] = _peak_rss_gb()
         if a.worker == "mlx":
@@ -164,12 +171,12 @@ def main() -> None:
         print(json.dumps(out))
         return
     rows = []
-    print(f"batch {a.batch_size} x {a.seconds:g} s, LoRA r16 on {','.join(TARGETS)}, AdamW fp32, "
+    print(f"batch {a.batch_size} x {a.seconds:g} s, LoRA r16 on {','.join(TARGETS)}, AdamW, base {a.dtype}, "
           f"median of {a.steps} steps after {a.warmup} warm-up, best of {a.rounds} rounds")
     print(f"{'size':6} {'engine':20} {'median s':>9} {'best s':>7} {'audio s/s':>10} {'ratio':>7} {'best ratio':>10} "
           f"{'peak RSS GB':>12}")
     for size in a.sizes.split(","):
-        prepare(size)
+        prepare(size), prepare(size, a.dtype)
         res: dict[str, dict] = {}
         for _ in range(a.rounds):  # alternate engines, keep each one's best round (a shared machine's load moves)
             for e in ("torch", "mlx"):

@@ -191,10 +191,14 @@ r3-mlx)
     merge r3
   done;;
 r3-train)
-  # bench_train.py has no dtype or device flag: fp32 on both sides, torch on cuda when it sees one.
-  if [ "$DRY" = 1 ]; then targs=(--sizes tiny --steps 2 --warmup 1 --rounds 1)
-  else targs=(--sizes small --batch-size 4 --seconds 10 --steps 10 --warmup 3 --rounds 2); fi
-  python3 benchmarks/bench_train.py "${targs[@]}" --json /tmp/res/train-all.json | tee "$OUTD/train.txt"
+  # The target is bf16 on small and medium (torch on cuda when it sees one); fp32 small too.
+  if [ "$DRY" = 1 ]; then runs=("tiny float32" "tiny bfloat16"); targs=(--steps 2 --warmup 1 --rounds 1)
+  else runs=("small,medium bfloat16" "small float32"); targs=(--batch-size 4 --seconds 10 --steps 10 --warmup 3 --rounds 2); fi
+  for run in "${runs[@]}"; do
+    set -- $run
+    python3 benchmarks/bench_train.py --sizes "$1" --dtype "$2" "${targs[@]}" --json "/tmp/res/train-$2.json" \
+      | tee -a "$OUTD/train.txt"
+  done
   merge train;;
 ac-setup)
   pip install -q --no-index --no-deps --no-compile --target /root/acsite .device/ac/*.whl 2>&1 | grep -v WARNING
