@@ -122,7 +122,7 @@ def adapter_base_model(folder: Path, config: dict, base_model: str | None = None
         try:
             return validate_repo_id(base_model)
         except PublishError as e:
-            raise PublishError(f"--base-model: {e}") from None
+            raise PublishError(f"base_model: {e}") from None
     raw = config.get("base_model")
     local = Path(os.path.expanduser(raw)) if isinstance(raw, str) and raw else None
     if local is not None and local.is_dir():
@@ -137,7 +137,7 @@ def adapter_base_model(folder: Path, config: dict, base_model: str | None = None
     elif _hub_id(raw):
         return raw
     raise PublishError(f"{folder / rt.CONFIG}: base model {raw!r} is not a Hugging Face Hub id (a local "
-                       "folder that records none); pass --base-model ORG/NAME, the Hub model it was trained on")
+                       "folder that records none); pass base_model='ORG/NAME', the Hub model it was trained on")
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -307,7 +307,7 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bo
         fill: dict[str, bytes] = {}  # the training folder stays as it is
     else:
         if base_model is not None:
-            raise PublishError(f"--base-model: only for an adapter folder; {folder} is not one "
+            raise PublishError(f"base_model: only for an adapter folder; {folder} is not one "
                                f"(no {rt.CONFIG}); a checkpoint's card names its source already")
         plan = dict(validate_folder(folder))
         mem = fill = _card_fill(folder, repo_id)

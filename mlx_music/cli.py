@@ -285,7 +285,7 @@ _FLAGS = {"duration": "--duration", "temperature": "--temperature", "top_k": "--
           "force": "--force", "revision": "--revision", "allow_nonfinite": "--allow-nonfinite", "format": "--format",
           "text_encoder": "--text-encoder", "codec": "--codec", "quantize.bits": "--q-bits",
           "quantize.group_size": "--q-group-size", "quantize.recipe": "--q-recipe", "base": "--base",
-          "verify": "--verify", "token": "--token",
+          "verify": "--verify", "token": "--token", "base_model": "--base-model",
           # parity: run_parity / run_audiocraft_parity / fidelity_report
           "ac_path": "--hf-path", "reference_path": "--reference-mlx-path", "steps": "--steps"}
 

@@ -65,7 +65,7 @@ def test_train_card_names_base_data_steps_loss(trained, model):
 
 def test_dry_run_plan_and_base_model(run, model, no_token):
     # The run's --model was a local folder whose record names no Hub model: say what to pass.
-    with pytest.raises(PublishError, match=r"adapter_config.json: base model .* --base-model ORG/NAME"):
+    with pytest.raises(PublishError, match=r"adapter_config.json: base model .* base_model='ORG/NAME'"):
         publish(run, REPO, dry_run=True, log=None)
     lines: list[str] = []
     before = tree_digest(run)
@@ -78,7 +78,7 @@ def test_dry_run_plan_and_base_model(run, model, no_token):
     for n in ("adapters.safetensors", "peft/adapter_model.safetensors"):
         assert sizes[n] == (run / n).stat().st_size
     assert tree_digest(run) == before  # publishing an adapter never changes the training folder
-    with pytest.raises(PublishError, match="--base-model: invalid repo id 'not an id'"):
+    with pytest.raises(PublishError, match="^base_model: invalid repo id 'not an id'"):
         publish(run, REPO, dry_run=True, log=None, base_model="not an id")
 
 
@@ -246,3 +246,12 @@ def test_base_model_only_for_adapters(tmp_path, model, no_token):
     res = CliRunner().invoke(main, ["publish", str(model), "--repo", REPO, "--dry-run", "--base-model", BASE_ID])
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
     assert "--base-model: only for an adapter folder" in res.output
+
+
+def test_cli_names_the_base_model_flag(run, no_token):
+    """The API names base_model; the command line says --base-model (both hints)."""
+    res = CliRunner().invoke(main, ["publish", str(run), "--repo", REPO, "--dry-run"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "pass --base-model ORG/NAME, the Hub model it was trained on" in res.output
+    res = CliRunner().invoke(main, ["publish", str(run), "--repo", REPO, "--dry-run", "--base-model", "not an id"])
+    assert res.exit_code == 2 and res.output.startswith("error: --base-model: invalid repo id 'not an id'"), res.output
