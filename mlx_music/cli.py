@@ -1,4 +1,5 @@
-"""`mlx-music` command line: convert, convert-all, inspect, generate, batch, parity, publish, train, doctor.
+"""`mlx-music` command line: convert, convert-adapter, convert-all, inspect, generate, batch, parity, publish,
+serve, cache, train, doctor.
 
 Heavy imports happen inside commands so `mlx-music --help` is instant and the runtime commands
 work without the converter's extras (torch) installed.
