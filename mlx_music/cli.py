@@ -447,7 +447,7 @@ def generate(model_path, prompts, duration, out, seed, guidance, temperature, to
         finally:
             writer.close()
         click.echo(f"wrote {paths[0]} ({writer.frames / pipe.sample_rate:.2f} s, {pipe.audio_channels} ch, "
-                   f"seed {seed})")
+                   f"{pipe.sample_rate} Hz, seed {seed})")  # the line the non-streamed path prints
         return
     if verbose and getattr(pipe, "is_magnet", False):  # passes over the whole clip, not one frame each
         st, seconds = result.stats, max(a.shape[-1] for a in result.audio) / result.sample_rate

@@ -121,6 +121,9 @@ def test_cli_stream_records_the_seed(tmp_path, model):
             "--stream", "--chunk-seconds", "0.04", "--out", str(tmp_path / "s.wav"))
     assert r.exit_code == 0, r.stderr
     assert "seed 4294967295" in r.output
+    # the same "wrote" line as without --stream, sample rate included
+    assert f"wrote {tmp_path / 's.wav'} (0.10 s, {sf.info(str(tmp_path / 's.wav')).channels} ch, 32000 Hz, " \
+           "seed 4294967295)" in r.output, r.output
     tags = json.loads(sf.SoundFile(str(tmp_path / "s.wav")).comment)
     assert tags["seed"] == SEED_MAX and tags["prompt"] == "x"
     assert sf.info(str(tmp_path / "s.wav")).frames == 5 * 640
