@@ -309,3 +309,15 @@ def test_a_real_kill_then_resume_is_bit_identical(tmp_path, tones, mlx_folder):
     assert a.keys() == b.keys() and a
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+
+
+def test_a_local_base_is_recorded_by_its_absolute_path(tmp_path, tones, mlx_folder, monkeypatch):
+    """`--model out/x` typed in one folder must still name that base from anywhere else (publish
+    reads it; a relative path would read as a hub repo id there)."""
+    base = mlx_folder("mono")
+    monkeypatch.chdir(base.parent)
+    out = train(opts(tones, base.name, tmp_path / "rel", steps=1, val_every=1, save_every=1))
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model"]
+    assert recorded == str(base.resolve())
+    assert f"base_model: {base.resolve()}" in (out / "README.md").read_text()

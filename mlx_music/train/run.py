@@ -195,6 +195,13 @@ class _Order:
         return bool(rate > 0 and np.random.default_rng([self.seed, 13, p]).random() < rate)
 
 
+def base_name(model: str) -> str:
+    """How the adapter records its base: a hub repo id as given, a local folder as its absolute
+    path (a relative path would name another folder, or read as a repo id, from elsewhere)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def train(opts: TrainOptions) -> Path:
     """Run (or resume) a training; returns the output folder. ValueError (one line) for bad input,
     TrainingStopped when the loss diverges."""
@@ -272,7 +279,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
     chroma_len = model.chroma_length if model.is_melody else None
     frame_rate = pipe.frame_rate
     identity = {"base": base_id, "data": data.fingerprint, "options": opts.identity()}
-    info = {"base_model": opts.model, "train_pieces": len(data.train), "val_pieces": len(data.val),
+    info = {"base_model": base_name(opts.model), "train_pieces": len(data.train), "val_pieces": len(data.val),
             "train_seconds": round(data.seconds, 2), "dropped_pieces": data.dropped}
 
     def batch_of(positions: list[int]) -> dict:
@@ -295,7 +302,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
         try:
             _save_checkpoint(out, step, wrapped, optimizer, identity)
             save_adapters(out, lora_factors(wrapped), rank=opts.rank, alpha=opts.alpha, rslora=opts.rslora,
-                          scale=lora.scale, base_model=opts.model, melody=model.is_melody,
+                          scale=lora.scale, base_model=base_name(opts.model), melody=model.is_melody,
                           info={**info, "step": step, **last})
         except OSError as e:
             raise ValueError(f"--out {out}: write failed at step {step} ({e.strerror or e}); the previous "
