@@ -295,3 +295,43 @@ def test_block_decode_rejects_bad_block_size(pair):
     for bad in (0, 3, 2.5, True):  # must exceed conv0's 3-frame left reach
         with pytest.raises(ValueError):
             model.stream_decoder(bad)
+
+
+@pytest.mark.parametrize("batch,length,in_ch,out_ch,kernel,stride,padding", [
+    (1, 9, 16, 8, 16, 8, 0),   # EnCodec's kernel = 2 * stride
+    (2, 7, 12, 5, 10, 5, 0),
+    (3, 5, 8, 4, 7, 3, 0),     # kernel not a multiple of the stride
+    (2, 6, 8, 6, 3, 1, 1),     # stride 1, padding
+    (1, 4, 4, 3, 2, 4, 0),     # kernel < stride: gaps between the steps
+    (2, 11, 6, 7, 9, 2, 2),
+    (1, 1, 5, 3, 8, 4, 1),     # a single input step
+])
+def test_conv_transpose1d_matmul_equals_mlx_op(batch, length, in_ch, out_ch, kernel, stride,
+                                              padding):
+    """The CPU matmul + overlap-add formulation is the MLX transposed convolution."""
+    from mlx_music.models.encodec import conv_transpose1d_matmul
+
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
+    x = mx.array(rng.standard_normal((batch, length, in_ch)).astype(np.float32))
+    w = mx.array((rng.standard_normal((out_ch, kernel, in_ch))
+                  / np.sqrt(in_ch * kernel)).astype(np.float32))
+    ref = mx.conv_transpose1d(x, w, stride=stride, padding=padding)
+    out = conv_transpose1d_matmul(x, w, stride, padding)
+    assert out.shape == ref.shape == (batch, (length - 1) * stride + kernel - 2 * padding, out_ch)
+    assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
+    assert np.array(ref).std() > 0.1  # not a trivially zero comparison
+
+
+def test_conv_transpose_layer_on_cpu_equals_mlx_layer():
+    """EncodecConvTranspose1d on the CPU (matmul path, bias included) = the nn.ConvTranspose1d
+    it holds (the path other devices use), trimmed the same way."""
+    from mlx_music.models.encodec import EncodecConvTranspose1d
+
+    assert mx.default_device().type == mx.cpu
+    layer = EncodecConvTranspose1d(EncodecArgs(), 12, 6, kernel_size=10, stride=5)
+    layer.conv.bias = mx.array(np.linspace(-1, 1, 6).astype(np.float32))
+    x = mx.array(np.random.default_rng(3).standard_normal((2, 13, 12)).astype(np.float32))
+    ref = layer.conv(x)[:, layer.trim_left:-layer.trim_right]
+    out = layer(x)
+    assert out.shape == ref.shape == (2, 13 * 5, 6)
+    assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
