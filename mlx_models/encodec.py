@@ -105,6 +105,29 @@ def _on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
 
 
+def conv1d_matmul(x: mx.array, weight: mx.array, stride: int = 1, dilation: int = 1
+                  ) -> mx.array:
+    """`mx.conv1d(x, weight, stride, dilation=dilation)` (no padding, one group) as one matmul
+    per kernel tap, summed.
+
+    x (B, T, in), weight (out, kernel, in) -> (B, (T - (kernel - 1) * dilation - 1) // stride + 1,
+    out): output t = sum_j x[t * stride + j * dilation] @ weight[:, j].T.
+
+    Why: MLX's CPU conv1d builds the (T, kernel * in) unfolded matrix first; tap-wise matmuls
+    on strided views skip that copy and are 3-25x faster on EnCodec's shapes (the 64 -> 1 output
+    convolution over 10 s: 0.34 s -> 0.013 s). Equal up to float rounding (tests/test_encodec.py).
+    """
+    _, length, _ = x.shape
+    _, kernel, _ = weight.shape
+    n = (length - (kernel - 1) * dilation - 1) // stride + 1
+    y = None
+    for j in range(kernel):
+        start = j * dilation
+        tap = x[:, start:start + (n - 1) * stride + 1:stride] @ weight[:, j].T
+        y = tap if y is None else y + tap
+    return y
+
+
 def conv_transpose1d_matmul(x: mx.array, weight: mx.array, stride: int, padding: int = 0
                             ) -> mx.array:
     """`mx.conv_transpose1d(x, weight, stride, padding)` (dilation 1, one group) as one matmul
@@ -167,7 +190,15 @@ class EncodecConv1d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         left, right = self.padding(x.shape[1])
-        return self.conv(_pad_time(x, left, right, self.pad_mode))
+        return self.conv_padded(_pad_time(x, left, right, self.pad_mode))
+
+    def conv_padded(self, x: mx.array) -> mx.array:
+        """The bare convolution of an already padded (B, T, in) signal (one function for the
+        offline and the streaming decoder, so both round alike)."""
+        if _on_cpu():
+            y = conv1d_matmul(x, self.conv.weight, self.conv.stride, self.conv.dilation)
+            return y + self.conv.bias if "bias" in self.conv else y
+        return self.conv(x)
 
 
 class EncodecConvTranspose1d(nn.Module):
@@ -596,7 +627,7 @@ class EncodecStreamDecoder:
             valid = idx >= 0
             local = mx.maximum(idx, self._emb_start) - self._emb_start
             window = mx.where(valid[None, :, None], mx.take(self._emb, local, axis=1), 0.0)
-        h = conv0.conv(window)
+        h = conv0.conv_padded(window)
         y, self._lstm_state = self.model.decoder.layers[1].step(h, self._lstm_state)
         self._lstm_out = y if self._lstm_out is None else mx.concatenate(
             [self._lstm_out, y], axis=1)

@@ -335,3 +335,41 @@ def test_conv_transpose_layer_on_cpu_equals_mlx_layer():
     out = layer(x)
     assert out.shape == ref.shape == (2, 13 * 5, 6)
     assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch,length,in_ch,out_ch,kernel,stride,dilation", [
+    (1, 20, 16, 8, 3, 1, 1),    # residual block convolution
+    (2, 23, 8, 4, 3, 1, 2),     # dilated
+    (1, 30, 6, 1, 7, 1, 1),     # the decoder's last convolution (-> 1 channel)
+    (3, 17, 8, 6, 1, 1, 1),     # 1x1
+    (2, 41, 4, 8, 16, 8, 1),    # an encoder downsampling stage (kernel = 2 * stride)
+    (1, 19, 5, 7, 4, 3, 2),     # stride and dilation together
+])
+def test_conv1d_matmul_equals_mlx_op(batch, length, in_ch, out_ch, kernel, stride, dilation):
+    """The CPU tap-wise matmul formulation is the MLX convolution."""
+    from mlx_music.models.encodec import conv1d_matmul
+
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + dilation)
+    x = mx.array(rng.standard_normal((batch, length, in_ch)).astype(np.float32))
+    w = mx.array((rng.standard_normal((out_ch, kernel, in_ch))
+                  / np.sqrt(in_ch * kernel)).astype(np.float32))
+    ref = mx.conv1d(x, w, stride=stride, dilation=dilation)
+    out = conv1d_matmul(x, w, stride, dilation)
+    assert out.shape == ref.shape
+    assert ref.shape[1] == (length - (kernel - 1) * dilation - 1) // stride + 1 > 1
+    assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
+    assert np.array(ref).std() > 0.1
+
+
+def test_conv1d_layer_on_cpu_equals_mlx_layer():
+    """EncodecConv1d on the CPU (matmul path, bias included) = its nn.Conv1d on the same padding."""
+    from mlx_music.models.encodec import EncodecConv1d, _pad_time
+
+    layer = EncodecConv1d(EncodecArgs(), 6, 5, kernel_size=4, stride=2, dilation=1)
+    layer.conv.bias = mx.array(np.linspace(-1, 1, 5).astype(np.float32))
+    x = mx.array(np.random.default_rng(4).standard_normal((2, 15, 6)).astype(np.float32))
+    left, right = layer.padding(15)
+    ref = layer.conv(_pad_time(x, left, right, "reflect"))
+    out = layer(x)
+    assert out.shape == ref.shape == (2, 8, 5)
+    assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
