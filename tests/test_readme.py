@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -39,5 +40,8 @@ def test_quickstart_and_python_examples_run_verbatim(tmp_path):
     code = "\n".join(python)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    data, sr = sf.read(tmp_path / "song.wav", always_2d=True)
+    data, sr = sf.read(tmp_path / "song-py.wav", always_2d=True)
     assert sr == 32000 and data.shape == (4 * 32000, 2)
+    # The Seeds paragraph's read-back works on the CLI's file (the Python example writes its own).
+    tag = json.loads(sf.SoundFile(tmp_path / "song.wav").comment)
+    assert tag["prompt"] == "80s pop with synths" and tag["duration"] == 10 and isinstance(tag["seed"], int)
