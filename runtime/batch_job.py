@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 from mlx_music.runtime.checkpoint import RECORD
 from mlx_music.runtime.checksums import sha256_file
-from mlx_music.runtime.records import csv_records, jsonl_lines, loads_json
+from mlx_music.runtime.records import csv_records, json_objects, jsonl_lines, loads_json
 from mlx_music.runtime.sampling import check_seed
 
 SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
@@ -300,19 +300,11 @@ def _matches(entry: dict, req: dict) -> bool:
 
 def _read_jsonl(path: Path) -> list[dict]:
     """Lines of a manifest; a torn last line (a process killed mid-write) is ignored."""
-    out = []
     try:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
-        return out
-    for line in text.split("\n"):  # we write ASCII JSON, one entry per \n
-        try:
-            entry = loads_json(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-            out.append(entry)
-    return out
+        return []
+    return [e for e in json_objects(text) if isinstance(e.get("id"), str)]  # we write ASCII JSON, one per \n
 
 
 def _line(entry: dict) -> str:

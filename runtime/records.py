@@ -40,3 +40,15 @@ def loads_json(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
+
+
+def json_objects(text: str) -> Iterator[dict]:
+    """The JSON objects of a JSON Lines file we append to (a manifest, metrics), one per ``\n``;
+    a line that is not a whole JSON object (the torn last line of a killed writer) is skipped."""
+    for line in text.split("\n"):
+        try:
+            value = loads_json(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            yield value

@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_music.runtime.records import loads_json
+from mlx_music.runtime.records import json_objects, loads_json
 from mlx_music.runtime.sampling import check_seed
 from mlx_music.train.data import DataError, DataSettings, collate, prepare, read_folder
 from mlx_music.train.export import save_adapters
@@ -359,15 +359,7 @@ def _train(opts: TrainOptions, out: Path) -> Path:
 def _metric_rows(path: Path) -> list[dict]:
     """metrics.jsonl's rows; a line a killed run left torn (not a JSON object with a step) is
     skipped, so it never stops a resume or the plot."""
-    rows = []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        try:
-            row = loads_json(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    return [row for row in json_objects(path.read_text(encoding="utf-8")) if isinstance(row.get("step"), int)]
 
 
 def _sample(pipe, opts: TrainOptions, path: Path) -> None:
