@@ -269,7 +269,8 @@ def _train(opts: TrainOptions, out: Path) -> Path:
                                    for k in saved if k.startswith("lora.") and k.endswith(".a")})
         optimizer.state = tree_unflatten([(k[len("opt."):], v) for k, v in saved.items() if k.startswith("opt.")])
         start = state["step"]
-    _truncate_metrics(out / METRICS, start)  # a fresh run in a restartable folder starts at 0
+    if rank == 0:  # the one writer: another rank's rewrite would orphan rank 0's open metrics file
+        _truncate_metrics(out / METRICS, start)  # a fresh run in a restartable folder starts at 0
     out.mkdir(parents=True, exist_ok=True)
 
     stepper = Stepper(model, optimizer, clip=opts.clip, group=group)
