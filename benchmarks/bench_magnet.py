@@ -65,7 +65,9 @@ def bench_hf_cache() -> None:
     from transformers import EncodecConfig, EncodecModel
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from bench_generate import ENCODEC_32K
+    from tiny_models import random_codebooks
 
     shutil.rmtree(HF_CACHE, ignore_errors=True)
     shutil.copytree(TEST_HF_CACHE, HF_CACHE, symlinks=True)
@@ -75,11 +77,7 @@ def bench_hf_cache() -> None:
     torch.manual_seed(0)
     model = EncodecModel(EncodecConfig(**ENCODEC_32K)).eval()
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("codebook.embed"):
-                b.copy_(torch.randn(b.shape))
-            elif name.endswith("codebook.inited"):
-                b.fill_(1.0)
+        random_codebooks(model)
     model.save_pretrained(snap)
     (HF_CACHE / "done").write_text("ok")
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tiny_models import random_codebooks  # tests/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data" / "audiocraft"
 CACHE = OUT / "hf-cache"
@@ -89,11 +91,7 @@ def write_hf_encodec(repo: str, commit: str) -> None:
                         norm_type="weight_norm", use_conv_shortcut=False, num_residual_layers=1)
     model = EncodecModel(cfg).eval()
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("codebook.embed"):
-                b.copy_(torch.randn(b.shape))
-            elif name.endswith("codebook.inited"):
-                b.fill_(1.0)
+        random_codebooks(model)
     model.save_pretrained(cache_snapshot(repo, commit))
 
 
@@ -203,11 +201,7 @@ def export(kind: str, seed: int) -> None:
         torch.manual_seed(seed + 100)
         codec = builders.get_compression_model(ccfg)
         with torch.no_grad():
-            for name, b in codec.named_buffers():
-                if name.endswith("_codebook.embed"):
-                    b.copy_(torch.randn(b.shape))
-                elif name.endswith("_codebook.inited"):
-                    b.fill_(1.0)
+            random_codebooks(codec)
             for name, p in codec.named_parameters():
                 if name.endswith("bias"):
                     p.add_(torch.randn(p.shape) * 0.05)

@@ -86,14 +86,19 @@ def _discriminate(model, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
         elif name.endswith("bias") or "layer_norm" in name:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    random_codebooks(model, g, averages=True)
+
+
+def random_codebooks(model, generator=None, averages: bool = False) -> None:
+    """Give an EnCodec's codebooks random std-1 vectors and mark them initialised (a fresh model's
+    are zeros until k-means runs on data). transformers' and audiocraft's codecs both name them
+    ``...codebook.embed`` / ``...codebook.inited``; ``averages`` also fills the EMA buffers
+    (``embed_avg`` random, ``cluster_size`` 1). Draws from ``generator`` (torch's global RNG if None)
+    in buffer order."""
     for name, b in model.named_buffers():
-        if name.endswith("codebook.embed"):
-            b.copy_(torch.randn(b.shape, generator=g))
-        elif name.endswith("codebook.embed_avg"):
-            b.copy_(torch.randn(b.shape, generator=g))
-        elif name.endswith("codebook.cluster_size"):
-            b.fill_(1.0)
-        elif name.endswith("codebook.inited"):
+        if name.endswith("codebook.embed") or (averages and name.endswith("codebook.embed_avg")):
+            b.copy_(torch.randn(b.shape, generator=generator))
+        elif (averages and name.endswith("codebook.cluster_size")) or name.endswith("codebook.inited"):
             b.fill_(1.0)
 
 
