@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "tests" / "data" / "tiny-musicgen-stereo"
 
 
+def samples(duration: float) -> int:
+    """Samples of a clip of ``duration`` s from the embedded tiny model (50 frames/s, 640 per frame)."""
+    return max(1, round(duration * 50)) * 640
+
+
 def convert_embedded(out: Path) -> Path:
     from mlx_music.converters.convert import convert_checkpoint
 

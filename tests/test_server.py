@@ -21,13 +21,9 @@ import soundfile as sf
 
 from mlx_music.runtime import load
 from mlx_music.server import ServerConfig, create_app
-from server_helpers import UvicornThread, alone, convert_embedded, pcm16, tone_wav
+from server_helpers import UvicornThread, alone, convert_embedded, pcm16, samples, tone_wav
 
-SR, HOP = 32000, 640
-
-
-def samples(duration: float) -> int:
-    return max(1, round(duration * 50)) * HOP
+SR = 32000
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,6 @@ from mlx_music.server.clips import ClipStore
 from mlx_music.server.inputs import ApiError
 from server_helpers import UvicornThread, alone, convert_embedded, free_port, odd_rate_wav, pcm16, tone_wav
 
-HOP = 640
-
-
-def samples(duration: float) -> int:
-    return max(1, round(duration * 50)) * HOP
-
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
