@@ -64,7 +64,24 @@ def _in_dims(base: nn.Module) -> int:
     return w.shape[1]
 
 
-class LoRALinear(nn.Module):
+class _PartFactors:
+    """What LoRALinear and LoRAEmbedding share: the targeted parts and their factors."""
+
+    _targets: tuple[str, ...]
+    lora_a: list[mx.array]
+    lora_b: list[mx.array]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self._targets
+
+    def factors(self) -> dict[str, tuple[mx.array, mx.array]]:
+        """checkpoint module name -> (a (rank, in), b (rows, rank)); ``in`` is the input features
+        of a linear layer, the dims of an embedding."""
+        return {t: (a, b) for t, a, b in zip(self._targets, self.lora_a, self.lora_b)}
+
+
+class LoRALinear(_PartFactors, nn.Module):
     """A frozen Linear / QuantizedLinear plus trainable low-rank updates of some of its row parts.
 
     parts: the checkpoint module names of the base's output rows, in order, with their row counts;
@@ -99,14 +116,6 @@ class LoRALinear(nn.Module):
             raise AttributeError("scales")
         return self.linear.scales
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return self._targets
-
-    def factors(self) -> dict[str, tuple[mx.array, mx.array]]:
-        """checkpoint module name -> (a (rank, in), b (rows, rank))."""
-        return {t: (a, b) for t, a, b in zip(self._targets, self.lora_a, self.lora_b)}
-
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
         h = x.astype(mx.float32)
@@ -125,7 +134,7 @@ class LoRALinear(nn.Module):
         return y + delta.astype(y.dtype)
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_PartFactors, nn.Module):
     """A frozen Embedding / QuantizedEmbedding whose rows are K part tables (the decoder's fused
     codebook embeddings), with trainable low-rank updates of some parts.
 
@@ -151,14 +160,6 @@ class LoRAEmbedding(nn.Module):
     @property
     def weight(self) -> mx.array:
         return self.embedding.weight
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return self._targets
-
-    def factors(self) -> dict[str, tuple[mx.array, mx.array]]:
-        """checkpoint module name -> (a (rank, dims), b (rows, rank))."""
-        return {t: (a, b) for t, a, b in zip(self._targets, self.lora_a, self.lora_b)}
 
     def __call__(self, ids: mx.array) -> mx.array:
         y = self.embedding(ids)
