@@ -294,15 +294,15 @@ def test_a_real_kill_then_resume_is_bit_identical(tmp_path, tones, mlx_folder):
     subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True, env=env, timeout=600)
     state = tmp_path / "cut" / "checkpoint" / "state.json"
     proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 3:
-            break
+    deadline, seen = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and proc.poll() is None and seen < 3:
+        try:  # a save swaps the checkpoint folder: between its two renames there is none
+            seen = json.loads(state.read_text())["step"]
+        except (FileNotFoundError, ValueError):
+            pass
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(state.read_text())["step"]
-    assert 3 <= killed_at < 10, killed_at  # killed mid-run, not after the end
+    assert proc.wait() == -signal.SIGKILL and seen >= 3, (proc.returncode, seen)  # killed mid-run
     done = subprocess.run(cmd(tmp_path / "cut", "--resume"), capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = factors(tmp_path / "whole"), factors(tmp_path / "cut")
